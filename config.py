@@ -1,0 +1,168 @@
+"""Recipe loading: sectioned (or flat) YAML -> validated argparse defaults.
+
+A recipe is a YAML file whose keys are argparse dest names (``model_ema_decay``, not
+``--model-ema-decay``), optionally grouped under the sections below. Unlike timm's ``-c`` YAML,
+every key is checked against the parser: an unknown key, a key given twice, a value of the wrong
+type or outside ``choices`` stops the run with a message that names the file and the key.
+Precedence stays timm's: command line > recipe > argparse default.
+"""
+import argparse
+import difflib
+import os
+from typing import Any, Dict, Optional
+
+import yaml
+
+SECTIONS = ('data', 'model', 'teacher', 'distill', 'optim', 'sched', 'aug', 'ema', 'runtime')
+# keys a saved args.yaml carries that are not settings of a run
+IGNORED_KEYS = ('config',)
+
+
+class RecipeError(ValueError):
+    """A recipe file that cannot be used as it is; the message says what to change."""
+
+
+def _actions_by_dest(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
+    return {a.dest: a for a in parser._actions if a.dest not in (argparse.SUPPRESS, 'help')}
+
+
+def _type_name(action: argparse.Action) -> str:
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        return 'a boolean (true/false)'
+    if action.type in (int, float):
+        base = 'an integer' if action.type is int else 'a number'
+    else:
+        base = 'a string'
+    if action.nargs in ('+', '*') or isinstance(action.nargs, int):
+        return f'a list of {base.split(" ", 1)[1]}s'
+    return base
+
+
+def _coerce_scalar(value: Any, action: argparse.Action) -> Any:
+    typ = action.type
+    if isinstance(value, bool) and typ in (int, float):
+        raise TypeError
+    if typ is int:
+        if isinstance(value, int):
+            return value
+        if isinstance(value, str):
+            return int(value)
+        raise TypeError
+    if typ is float:
+        if isinstance(value, (int, float)):
+            return float(value)
+        if isinstance(value, str):
+            return float(value)  # PyYAML reads 5e-3 (no dot) as a string
+        raise TypeError
+    if typ is None or typ is str:
+        if isinstance(value, (dict, list)):
+            raise TypeError
+        return value if value is None else (value if isinstance(value, (str, int, float)) else str(value))
+    if isinstance(value, str):
+        return typ(value)
+    return value
+
+
+def coerce_value(value: Any, action: argparse.Action) -> Any:
+    """Check one recipe value against its argparse action; returns the value to use as default."""
+    if isinstance(action, (argparse._StoreTrueAction, argparse._StoreFalseAction, argparse.BooleanOptionalAction)):
+        if not isinstance(value, bool):
+            raise TypeError
+        return value
+    if action.nargs == 0:  # store_const and friends
+        return value
+    if value is None:
+        return None
+    if isinstance(action.nargs, int) or action.nargs in ('+', '*'):
+        if isinstance(value, dict):  # kwargs-style actions (timm's ParseKwargs) take a mapping
+            if action.type is not None:
+                raise TypeError
+            return value
+        items = list(value) if isinstance(value, (list, tuple)) else [value]
+        if isinstance(action.nargs, int) and len(items) != action.nargs:
+            raise TypeError
+        value = [_coerce_scalar(v, action) for v in items]
+        if action.choices is not None:
+            bad = [v for v in value if v not in action.choices]
+            if bad:
+                raise ValueError(f'{bad[0]!r} is not one of {list(action.choices)}')
+        return value
+    value = _coerce_scalar(value, action)
+    if action.choices is not None and value not in action.choices:
+        raise ValueError(f'{value!r} is not one of {list(action.choices)}')
+    return value
+
+
+def read_recipe(path: str) -> Dict[str, Any]:
+    """Read a recipe into {key: (section or None, value)}; checks structure, not keys."""
+    if not os.path.isfile(path):
+        raise RecipeError(f"recipe file '{path}' does not exist; pass a path such as recipes/swinl_r50.yaml")
+    with open(path) as f:
+        try:
+            raw = yaml.safe_load(f)
+        except yaml.YAMLError as e:
+            raise RecipeError(f"recipe file '{path}' is not valid YAML: {e}") from None
+    if raw is None:
+        return {}
+    if not isinstance(raw, dict):
+        raise RecipeError(f"recipe file '{path}' must be a mapping of keys to values, got {type(raw).__name__}")
+    flat: Dict[str, Any] = {}
+    where: Dict[str, str] = {}
+    for top, val in raw.items():
+        if top in SECTIONS and isinstance(val, dict):
+            items = [(k, val[k], top) for k in val]
+        elif top in SECTIONS and val is None:
+            items = []
+        else:
+            items = [(top, val, None)]
+        for key, value, section in items:
+            label = f"section '{section}'" if section else 'the top level'
+            if key in flat:
+                raise RecipeError(
+                    f"recipe '{path}': key '{key}' is set twice, in {where[key]} and in {label}; keep one")
+            flat[key] = value
+            where[key] = label
+    return {k: (where[k], v) for k, v in flat.items()}
+
+
+def load_recipe(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """Validate a recipe against ``parser`` and return it as a flat {dest: value} dict of defaults."""
+    actions = _actions_by_dest(parser)
+    out = {}
+    for key, (where, value) in read_recipe(path).items():
+        if key in IGNORED_KEYS:
+            continue
+        action = actions.get(key)
+        if action is None:
+            close = difflib.get_close_matches(key, list(actions), n=1, cutoff=0.6)
+            hint = f"; did you mean '{close[0]}'?" if close else '; see --help for the valid keys'
+            raise RecipeError(f"recipe '{path}': unknown key '{key}' in {where}{hint}")
+        try:
+            out[key] = coerce_value(value, action)
+        except (TypeError, ValueError) as e:
+            detail = str(e) if isinstance(e, ValueError) and 'not one of' in str(e) else \
+                f'expects {_type_name(action)}, got {value!r} ({type(value).__name__})'
+            raise RecipeError(f"recipe '{path}': key '{key}' in {where} {detail}") from None
+    return out
+
+
+def parse_args_with_recipe(
+        parser: argparse.ArgumentParser,
+        argv: Optional[list] = None,
+):
+    """Parse ``--config`` first, load it as defaults, then parse the rest of the command line.
+
+    Returns (args, args_text): args_text is the YAML of the requested settings, written to args.yaml.
+    """
+    config_parser = argparse.ArgumentParser(add_help=False)
+    config_parser.add_argument('-c', '--config', default='', type=str)
+    known, remaining = config_parser.parse_known_args(argv)
+    if known.config:
+        try:
+            parser.set_defaults(**load_recipe(known.config, parser))
+        except RecipeError as e:
+            parser.error(str(e))
+    args = parser.parse_args(remaining)
+    args.config = known.config
+    args_text = yaml.safe_dump(vars(args), default_flow_style=False)
+    return args, args_text

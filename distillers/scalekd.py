@@ -1,0 +1,193 @@
+"""ScaleKD as a timm TrainingTask: CAP + DFM + TPP + logit KD (method spec sections 1-7).
+
+One step, for views v in {a (direct), b (alternative, mean-removed)}:
+
+    z_t, T4      = teacher(x)                         no grad; T4 = final pre-pool map, NCHW
+    z_s, S3, S4  = student(x)                         one forward_intermediates pass
+    P3_v         = CAP3_v(S3)                         learned queries, teacher stage-3 grid/width
+    R3_v         = teacher_tail(P3_v)                 frozen weights, gradients flow (TPP)
+    P4_v         = CAP4_v(S4, queries=R3_v)           input-dependent queries, not detached
+    loss = (1-w) L_cls + w L_kd + a3[0] D(R3_a,T4) + a3[1] D_alt(R3_b,T4)
+                                + a4[0] D(P4_a,T4) + a4[1] D_alt(P4_b,T4)
+
+The trainable module holds the student and the four projectors, so DDP and the EMA wrap exactly
+the trained parameters; the teacher stays outside both. The student stays a plain timm model:
+checkpoints store it as ``state_dict`` and the projectors as ``task_state``.
+"""
+from typing import Dict, Optional, Sequence, Tuple
+
+import torch
+import torch.nn as nn
+
+from timm.utils import unwrap_model
+
+from models.features import StudentTaps, forward_student, forward_teacher, resolve_student_taps
+from models.tails import TeacherTail
+from .base import DistillTask, kd_loss
+from .cap import CrossAttentionProjector
+from .dfm import feature_distance
+from .tpp import perceive
+
+VIEWS = ('a', 'b')  # a: direct view, b: alternative (DC-removed) view
+
+
+class ScaleKDModule(nn.Module):
+    """Student + projectors: everything with gradients, in one module for DDP/EMA."""
+
+    def __init__(self, student: nn.Module, caps: nn.ModuleDict, taps: StudentTaps, tail: TeacherTail):
+        super().__init__()
+        self.student = student
+        self.caps = caps
+        self.taps = taps
+        self._tail = [tail]  # shares the frozen teacher; not a submodule (stays out of DDP/EMA)
+
+    def no_weight_decay(self):
+        student = unwrap_model(self.student)
+        names = {'student.' + n for n in student.no_weight_decay()} if hasattr(student, 'no_weight_decay') else set()
+        # the official recipes that exempt '.pos_embed' also exempt the projectors' pos_embed
+        if any(n.endswith('pos_embed') for n in names):
+            names |= {f'caps.{k}.pos_embed' for k in self.caps}
+        return names
+
+    def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
+        logits, s3, s4 = forward_student(self.student, x, self.taps)
+        caps = self.caps
+        views = [v for v in VIEWS if f's3_{v}' in caps]
+        p3 = [caps[f's3_{v}'].to_map(caps[f's3_{v}'](s3)) for v in views]  # (B, C3t, H3t, W3t) each
+        r3 = dict(zip(views, perceive(self._tail[0], p3)))  # (B, C4t, H4t, W4t) each
+        out = {f'r3_{v}': r3[v] for v in views}
+        for v in views:
+            cap = caps[f's4_{v}'] if f's4_{v}' in caps else None
+            if cap is not None:
+                out[f'p4_{v}'] = cap.to_map(cap(s4, queries=r3[v]))
+        return logits, out
+
+
+class ScaleKDTask(DistillTask):
+    """ScaleKD distillation task.
+
+    Args:
+        student, teacher: timm models; the teacher must have a tail (Swin- or ViT/EVA-style).
+        img_size: (H, W) the student trains at; projector shapes are built for it.
+        student_s3, student_s4: student taps (see models.features.resolve_student_taps).
+        alpha_s3, alpha_s4: (direct, alternative) weights of the feature terms per stage.
+        heads_s3, heads_s4: attention heads of the stage-3 / stage-4 projectors.
+        softmax_scale: (stage 3, stage 4) attention logit scale.
+        cap_norm: 'bn' or 'ln' in the projector stem.
+        tail_blocks: blocks in the teacher tail for ViT/EVA teachers (default depth // 12).
+        kd_weight, kd_temperature: logit KD; the student loss is weighted 1 - kd_weight.
+        **kwargs: DistillTask arguments (criterion, mean/std, teacher_mode, teacher_img_size, ...).
+    """
+
+    def __init__(
+            self,
+            student: nn.Module,
+            teacher: nn.Module,
+            img_size: Tuple[int, int] = (224, 224),
+            student_s3=None,
+            student_s4=None,
+            alpha_s3: Sequence[float] = (0.08, 0.06),
+            alpha_s4: Sequence[float] = (0.08, 0.06),
+            heads_s3: int = 8,
+            heads_s4: int = 8,
+            softmax_scale: Sequence[float] = (5.0, 5.0),
+            cap_norm: str = 'bn',
+            tail_blocks: Optional[int] = None,
+            kd_weight: float = 0.5,
+            kd_temperature: float = 1.0,
+            **kwargs,
+    ):
+        super().__init__(student, teacher, **kwargs)
+        if len(alpha_s3) != 2 or len(alpha_s4) != 2:
+            raise ValueError('alpha_s3 and alpha_s4 take two weights each: (direct view, alternative view)')
+        if isinstance(softmax_scale, (int, float)):  # the official Swin-B config passes a scalar
+            softmax_scale = (float(softmax_scale), float(softmax_scale))
+        self.kd_weight = kd_weight
+        self.kd_temperature = kd_temperature
+        self.alpha = {'s3': tuple(alpha_s3), 's4': tuple(alpha_s4)}
+        teacher_size = self.teacher_img_size or tuple(img_size)
+        self.tail = TeacherTail(self.teacher.model, teacher_size, num_blocks=tail_blocks)
+        taps = resolve_student_taps(student, student_s3, student_s4)
+
+        # student feature shapes from one dry pass (no table of shapes per architecture)
+        was_training = student.training
+        student.eval()
+        with torch.no_grad():
+            _, s3, s4 = forward_student(student, torch.zeros(1, 3, *img_size, device=self.device), taps)
+        student.train(was_training)
+
+        caps = nn.ModuleDict()
+        for i, v in enumerate(VIEWS):
+            if self.alpha['s3'][i] == 0 and self.alpha['s4'][i] == 0:
+                continue
+            caps[f's3_{v}'] = CrossAttentionProjector(
+                s3.shape[1], self.tail.in_chs, s3.shape[-2:], self.tail.in_grid, num_heads=heads_s3,
+                softmax_scale=softmax_scale[0], learned_query=True, norm=cap_norm)
+            if self.alpha['s4'][i] != 0:
+                caps[f's4_{v}'] = CrossAttentionProjector(
+                    s4.shape[1], self.tail.out_chs, s4.shape[-2:], self.tail.out_grid, num_heads=heads_s4,
+                    softmax_scale=softmax_scale[1], learned_query=False, norm=cap_norm)
+        caps.to(self.device)
+        self.trainable_module = ScaleKDModule(student, caps, taps, self.tail)
+        self.loss_weights = {'loss_cls': 1.0 - kd_weight, 'loss_kd': kd_weight}
+        for stage in ('s3', 's4'):
+            for i, suffix in enumerate(('', '_alt')):
+                if self.alpha[stage][i]:
+                    self.loss_weights[f'loss_{stage}{suffix}'] = self.alpha[stage][i]
+
+    # --- checkpoint layout: student in state_dict, projectors in task_state -----------------
+    def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
+        if module is None and hasattr(self, 'eval_model_ema' if ema else 'eval_model'):
+            return getattr(self, 'eval_model_ema' if ema else 'eval_model')
+        module = module if module is not None else self.get_trainable_module(ema=ema)
+        if module is None:
+            return None
+        return unwrap_model(module).student
+
+    def get_task_state(self, module: Optional[nn.Module] = None, ema: bool = False) -> Dict[str, Dict]:
+        module = module if module is not None else self.get_trainable_module(ema=ema)
+        if module is None:
+            return {}
+        return {'caps': unwrap_model(module).caps.state_dict()}
+
+    def load_task_state(self, state, strict: bool = True, module: Optional[nn.Module] = None, ema: bool = False):
+        if not state:
+            if strict:
+                raise RuntimeError('checkpoint has no ScaleKD projector state (task_state); '
+                                   'resume it with the distiller it was trained with')
+            return
+        module = module if module is not None else self.get_trainable_module(ema=ema)
+        unwrap_model(module).caps.load_state_dict(state['caps'], strict=strict)
+
+    def get_clip_parameters(self, exclude_head: bool = False):
+        trainable = unwrap_model(self.trainable_module)
+        params = list(trainable.student.parameters())
+        if exclude_head:
+            params = params[:-2]
+        return params + list(trainable.caps.parameters())
+
+    def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
+        self.eval_model = torch.compile(unwrap_model(self.trainable_module).student, backend=backend, mode=mode,
+                                        **compile_kwargs)
+        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
+        self.teacher.compile(backend=backend, mode=mode, compile_model=True, **compile_kwargs)
+        return self.eval_model
+
+    # --- the step ------------------------------------------------------------------------------
+    def teacher_targets(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """Teacher logits and final map T4 (NCHW), without gradients."""
+        with torch.no_grad():
+            return forward_teacher(self.teacher.model, self.teacher_input(x), self.tail.out_grid)
+
+    def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        teacher_logits, t4 = self.teacher_targets(input)
+        logits, maps = self.trainable_module(input)
+        out = {'output': logits}
+        out['loss_cls'] = self.criterion(logits, target)
+        out['loss_kd'] = kd_loss(logits, teacher_logits, self.kd_temperature)
+        for stage, prefix in (('s3', 'r3'), ('s4', 'p4')):
+            for i, (v, suffix) in enumerate(zip(VIEWS, ('', '_alt'))):
+                if self.alpha[stage][i]:
+                    out[f'loss_{stage}{suffix}'] = feature_distance(maps[f'{prefix}_{v}'], t4, alternative=i == 1)
+        out['loss'] = sum(w * out[k] for k, w in self.loss_weights.items())
+        return out

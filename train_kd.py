@@ -1,0 +1,950 @@
+#!/usr/bin/env python3
+"""ScaleKD / KD training script, shaped like timm's train.py.
+
+The phases of main() follow timm's train.py and call timm's helpers; all distillation math lives
+in ``distillers/`` (a ``timm.task.TrainingTask`` per method) and all knowledge of where a model
+keeps its stage features lives in ``models/``. Recipes (``--config recipes/NAME.yaml``) set
+defaults; command-line flags override them.
+
+    python train_kd.py --config recipes/swinl_r50.yaml --data-dir /data/imagenet
+    ./distributed_train.sh 8 --config recipes/swinl_vitb.yaml --data-dir /data/imagenet
+"""
+import argparse
+import logging
+import math
+import os
+import sys
+import time
+from collections import OrderedDict
+from contextlib import suppress
+from datetime import datetime
+from functools import partial
+
+import torch
+import torch.nn as nn
+import torch.distributed as dist
+from torch.utils.tensorboard import SummaryWriter
+
+from timm import utils
+from timm.data import create_dataset, create_loader, resolve_data_config, Mixup, FastCollateMixup, AugMixDataset
+from timm.layers import convert_sync_batchnorm, set_fast_norm
+from timm.models import create_model, safe_model_name, is_model, split_model_name_tag
+from timm.optim import create_optimizer_v2, optimizer_kwargs
+from timm.scheduler import create_scheduler_v2, scheduler_kwargs
+from timm.task import resume_task_checkpoint, load_task_ema_checkpoint
+
+import models  # noqa: F401  registers the paper's student variants
+from config import parse_args_with_recipe
+from distillers import DISTILLERS, TeacherLoadError, build_task, create_teacher
+from distillers.base import TEACHER_MODES
+from runtime import (
+    EXIT_PREEMPTED, FatalError, NonFiniteGuard, RunSaver, check_data_dir, check_output_dir, find_resume,
+    gather_rng_states, install_signal_handlers, load_state_extras, log_startup_error, set_rng_state, stop_requested,
+)
+
+_logger = logging.getLogger('train')
+
+
+def _parser():
+    parser = argparse.ArgumentParser(description='ScaleKD / KD training (timm-style)')
+    parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
+                        help='recipe YAML (sections or flat dest-name keys) giving defaults for the flags below')
+
+    group = parser.add_argument_group('Dataset parameters')
+    group.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
+    group.add_argument('--dataset', metavar='NAME', default='',
+                       help='dataset type + name ("<type>/<name>") (default: ImageFolder or ImageTar if empty)')
+    group.add_argument('--train-split', metavar='NAME', default='train', help='dataset train split (default: train)')
+    group.add_argument('--val-split', metavar='NAME', default='validation',
+                       help='dataset validation split (default: validation)')
+    group.add_argument('--train-num-samples', default=None, type=int, metavar='N',
+                       help='manually specify num samples in train split, for IterableDatasets.')
+    group.add_argument('--val-num-samples', default=None, type=int, metavar='N',
+                       help='manually specify num samples in validation split, for IterableDatasets.')
+    group.add_argument('--dataset-download', action='store_true', default=False,
+                       help='allow download of dataset for torch/ and tfds/ datasets that support it.')
+    group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
+                       help='path to class to idx mapping file (default: "")')
+    group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode for input')
+
+    group = parser.add_argument_group('Model parameters')
+    group.add_argument('--model', default='resnet50', type=str, metavar='MODEL',
+                       help='name of the student model to train (default: "resnet50")')
+    group.add_argument('--pretrained', action='store_true', default=False,
+                       help='start with a pretrained version of the student')
+    group.add_argument('--pretrained-path', default=None, type=str,
+                       help='load this checkpoint as if it were the pretrained weights (with adaptation).')
+    group.add_argument('--initial-checkpoint', default='', type=str, metavar='PATH',
+                       help='load this checkpoint into the student after initialization')
+    group.add_argument('--resume', default='', type=str, metavar='PATH',
+                       help='resume the full run (student, EMA, projectors, optimizer, scaler, epoch) from a '
+                            'checkpoint; "auto" takes the newest valid one in the run folder (default: none)')
+    group.add_argument('--no-resume-opt', action='store_true', default=False,
+                       help='prevent resume of optimizer state when resuming model')
+    group.add_argument('--resume-force', action='store_true', default=False,
+                       help='resume even if the saved run was started with different settings')
+    group.add_argument('--num-classes', type=int, default=None, metavar='N',
+                       help='number of label classes (default: the number of class folders)')
+    group.add_argument('--gp', default=None, type=str, metavar='POOL',
+                       help='global pool type, one of (fast, avg, max, avgmax, avgmaxc). Model default if None.')
+    group.add_argument('--img-size', type=int, default=None, metavar='N',
+                       help='image size (default: None => model default)')
+    group.add_argument('--in-chans', type=int, default=None, metavar='N', help='image input channels')
+    group.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N',
+                       help='input dimensions (d h w, e.g. --input-size 3 224 224), uses model default if empty')
+    group.add_argument('--crop-pct', default=None, type=float, metavar='N',
+                       help='input image center crop percent (for validation only)')
+    group.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN',
+                       help='override mean pixel value of dataset')
+    group.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override std deviation')
+    group.add_argument('--interpolation', default='', type=str, metavar='NAME',
+                       help='image resize interpolation type (overrides model)')
+    group.add_argument('-b', '--batch-size', type=int, default=128, metavar='N',
+                       help='input batch size per process for training (default: 128)')
+    group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
+                       help='validation batch size override (default: None)')
+    group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
+    group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
+                       help='the number of steps to accumulate gradients (default: 1)')
+    group.add_argument('--grad-checkpointing', action='store_true', default=False,
+                       help='enable gradient checkpointing through the student where supported')
+    group.add_argument('--fast-norm', default=False, action='store_true', help='enable experimental fast-norm')
+    group.add_argument('--model-kwargs', nargs='*', default={}, action=utils.ParseKwargs,
+                       help='extra student kwargs, e.g. class_token=False global_pool=avg')
+    group.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                       help='enable torch.compile() of student, projectors and teacher with this backend')
+    group.add_argument('--torchcompile-mode', type=str, default=None,
+                       help='torch.compile mode (default: None)')
+
+    group = parser.add_argument_group('Distillation parameters')
+    group.add_argument('--distiller', default='none', type=str, choices=sorted(DISTILLERS),
+                       help='distillation method (default: none)')
+    group.add_argument('--teacher', default='', type=str, metavar='NAME',
+                       help='teacher timm model name; with a pretrained tag and no --teacher-checkpoint its hub '
+                            'weights are loaded, e.g. swin_large_patch4_window7_224.ms_in22k_ft_in1k')
+    group.add_argument('--teacher-checkpoint', default='', type=str, metavar='PATH',
+                       help='teacher weights from a local file (.pth/.pth.tar/.safetensors), loaded strictly')
+    group.add_argument('--teacher-img-size', type=int, default=None, metavar='N',
+                       help='teacher input size; the student batch is resized when it differs (default: same)')
+    group.add_argument('--teacher-mode', default='eval', type=str, choices=TEACHER_MODES,
+                       help='teacher mode during distillation; the official code left it in train mode '
+                            '(drop-path active) (default: eval)')
+    group.add_argument('--teacher-kwargs', nargs='*', default={}, action=utils.ParseKwargs,
+                       help='extra teacher model kwargs, e.g. drop_path_rate=0.1')
+    group.add_argument('--kd-temperature', type=float, default=1.0, metavar='T',
+                       help='logit KD temperature (default: 1.0)')
+    group.add_argument('--kd-weight', type=float, default=0.5, metavar='W',
+                       help='logit KD weight; the student loss gets 1 - W (default: 0.5)')
+    group.add_argument('--scalekd-alpha-s3', type=float, nargs=2, default=[0.08, 0.06], metavar=('DIRECT', 'ALT'),
+                       help='stage-3 (proxy path) feature weights, direct and DC-removed views (default: 0.08 0.06)')
+    group.add_argument('--scalekd-alpha-s4', type=float, nargs=2, default=[0.08, 0.06], metavar=('DIRECT', 'ALT'),
+                       help='stage-4 feature weights, direct and DC-removed views (default: 0.08 0.06)')
+    group.add_argument('--scalekd-heads-s3', type=int, default=8, metavar='N',
+                       help='attention heads of the stage-3 projectors (default: 8)')
+    group.add_argument('--scalekd-heads-s4', type=int, default=8, metavar='N',
+                       help='attention heads of the stage-4 projectors (default: 8)')
+    group.add_argument('--scalekd-softmax-scale', type=float, nargs=2, default=[5.0, 5.0], metavar=('S3', 'S4'),
+                       help='attention logit scale of the stage-3 and stage-4 projectors (default: 5 5)')
+    group.add_argument('--scalekd-cap-norm', default='bn', type=str, choices=('bn', 'ln'),
+                       help='norm in the projector stem: BatchNorm2d or channel LayerNorm (default: bn)')
+    group.add_argument('--scalekd-student-s3', type=int, default=None, metavar='IDX',
+                       help='student stage-3 tap: forward_intermediates index (default: from feature_info)')
+    group.add_argument('--scalekd-student-s4', type=int, default=None, metavar='IDX',
+                       help='student stage-4 tap index (default: the final, normed features)')
+    group.add_argument('--scalekd-tail-blocks', type=int, default=None, metavar='N',
+                       help='blocks in the teacher tail for ViT/EVA teachers (default: depth // 12)')
+
+    group = parser.add_argument_group('Device parameters')
+    group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
+                       help='device to use for training (default: cuda if available)')
+    group.add_argument('--amp', action='store_true', default=False, help='use mixed precision (autocast)')
+    group.add_argument('--amp-dtype', default='float16', type=str, choices=('float16', 'bfloat16'),
+                       help='lower precision AMP dtype (default: float16)')
+    group.add_argument('--no-ddp-bb', action='store_true', default=False,
+                       help='force broadcast buffers for native DDP to off.')
+    group.add_argument('--synchronize-step', action='store_true', default=False,
+                       help='torch.cuda.synchronize() end of each step')
+    group.add_argument('--dist-backend', default=None, type=str,
+                       help='torch.distributed backend (default: nccl on cuda, gloo on cpu)')
+
+    group = parser.add_argument_group('Optimizer parameters')
+    group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='Optimizer (default: "sgd")')
+    group.add_argument('--opt-eps', default=None, type=float, metavar='EPSILON', help='Optimizer Epsilon')
+    group.add_argument('--opt-betas', default=None, type=float, nargs='+', metavar='BETA', help='Optimizer Betas')
+    group.add_argument('--momentum', type=float, default=0.9, metavar='M', help='Optimizer momentum (default: 0.9)')
+    group.add_argument('--weight-decay', type=float, default=2e-5, help='weight decay (default: 2e-5)')
+    group.add_argument('--clip-grad', type=float, default=None, metavar='NORM',
+                       help='Clip gradient norm (default: None, no clipping)')
+    group.add_argument('--clip-mode', type=str, default='norm', help='Gradient clipping mode: "norm", "value", "agc"')
+    group.add_argument('--layer-decay', type=float, default=None, help='layer-wise learning rate decay')
+    group.add_argument('--opt-kwargs', nargs='*', default={}, action=utils.ParseKwargs)
+
+    group = parser.add_argument_group('Learning rate schedule parameters')
+    group.add_argument('--sched', type=str, default='cosine', metavar='SCHEDULER',
+                       help='LR scheduler (default: "cosine")')
+    group.add_argument('--sched-on-updates', action='store_true', default=False,
+                       help='Apply LR scheduler step on update instead of epoch end.')
+    group.add_argument('--lr', type=float, default=None, metavar='LR',
+                       help='learning rate, overrides lr-base if set (default: None)')
+    group.add_argument('--lr-base', type=float, default=0.1, metavar='LR',
+                       help='base learning rate: lr = lr_base * global_batch_size / base_size')
+    group.add_argument('--lr-base-size', type=int, default=256, metavar='DIV',
+                       help='base learning rate batch size (divisor, default: 256).')
+    group.add_argument('--lr-base-scale', type=str, default='', metavar='SCALE',
+                       help='base learning rate vs batch_size scaling ("linear", "sqrt", based on opt if empty)')
+    group.add_argument('--lr-noise', type=float, nargs='+', default=None, metavar='pct, pct',
+                       help='learning rate noise on/off epoch percentages')
+    group.add_argument('--lr-noise-pct', type=float, default=0.67, metavar='PERCENT',
+                       help='learning rate noise limit percent (default: 0.67)')
+    group.add_argument('--lr-noise-std', type=float, default=1.0, metavar='STDDEV',
+                       help='learning rate noise std-dev (default: 1.0)')
+    group.add_argument('--lr-cycle-mul', type=float, default=1.0, metavar='MULT',
+                       help='learning rate cycle len multiplier (default: 1.0)')
+    group.add_argument('--lr-cycle-decay', type=float, default=0.5, metavar='MULT',
+                       help='amount to decay each learning rate cycle (default: 0.5)')
+    group.add_argument('--lr-cycle-limit', type=int, default=1, metavar='N',
+                       help='learning rate cycle limit, cycles enabled if > 1')
+    group.add_argument('--lr-k-decay', type=float, default=1.0, help='learning rate k-decay for cosine/poly')
+    group.add_argument('--warmup-lr', type=float, default=1e-5, metavar='LR',
+                       help='warmup learning rate (default: 1e-5)')
+    group.add_argument('--min-lr', type=float, default=0, metavar='LR',
+                       help='lower lr bound for cyclic schedulers that hit 0 (default: 0)')
+    group.add_argument('--epochs', type=int, default=300, metavar='N', help='number of epochs to train (default: 300)')
+    group.add_argument('--epoch-repeats', type=float, default=0., metavar='N',
+                       help='epoch repeat multiplier (number of times to repeat dataset epoch per train epoch).')
+    group.add_argument('--start-epoch', default=None, type=int, metavar='N',
+                       help='manual epoch number (useful on restarts)')
+    group.add_argument('--decay-milestones', default=[90, 180, 270], type=int, nargs='+', metavar='MILESTONES',
+                       help='list of decay epoch indices for multistep lr. must be increasing')
+    group.add_argument('--decay-epochs', type=float, default=90, metavar='N', help='epoch interval to decay LR')
+    group.add_argument('--warmup-epochs', type=int, default=5, metavar='N',
+                       help='epochs to warmup LR, if scheduler supports')
+    group.add_argument('--warmup-prefix', action='store_true', default=False,
+                       help='Exclude warmup period from decay schedule.')
+    group.add_argument('--cooldown-epochs', type=int, default=0, metavar='N',
+                       help='epochs to cooldown LR at min_lr, after cyclic schedule ends')
+    group.add_argument('--patience-epochs', type=int, default=10, metavar='N',
+                       help='patience epochs for Plateau LR scheduler (default: 10)')
+    group.add_argument('--decay-rate', '--dr', type=float, default=0.1, metavar='RATE',
+                       help='LR decay rate (default: 0.1)')
+
+    group = parser.add_argument_group('Augmentation and regularization parameters')
+    group.add_argument('--no-aug', action='store_true', default=False, help='Disable all training augmentation')
+    group.add_argument('--train-crop-mode', type=str, default=None, help='Crop-mode in train')
+    group.add_argument('--scale', type=float, nargs='+', default=[0.08, 1.0], metavar='PCT',
+                       help='Random resize scale (default: 0.08 1.0)')
+    group.add_argument('--ratio', type=float, nargs='+', default=[3. / 4., 4. / 3.], metavar='RATIO',
+                       help='Random resize aspect ratio (default: 0.75 1.33)')
+    group.add_argument('--hflip', type=float, default=0.5, help='Horizontal flip training aug probability')
+    group.add_argument('--vflip', type=float, default=0., help='Vertical flip training aug probability')
+    group.add_argument('--color-jitter', type=float, default=0.4, metavar='PCT',
+                       help='Color jitter factor (default: 0.4)')
+    group.add_argument('--color-jitter-prob', type=float, default=None, metavar='PCT',
+                       help='Probability of applying any color jitter.')
+    group.add_argument('--grayscale-prob', type=float, default=None, metavar='PCT',
+                       help='Probability of applying random grayscale conversion.')
+    group.add_argument('--gaussian-blur-prob', type=float, default=None, metavar='PCT',
+                       help='Probability of applying gaussian blur.')
+    group.add_argument('--aa', type=str, default=None, metavar='NAME',
+                       help='Use AutoAugment policy. "v0" or "original", or RandAugment "rand-m9-mstd0.5-inc1"')
+    group.add_argument('--aug-repeats', type=float, default=0,
+                       help='Number of augmentation repetitions (distributed training only) (default: 0)')
+    group.add_argument('--aug-splits', type=int, default=0,
+                       help='Number of augmentation splits (default: 0, valid: 0 or >=2)')
+    group.add_argument('--bce-loss', action='store_true', default=False,
+                       help='Enable BCE loss w/ Mixup/CutMix use.')
+    group.add_argument('--bce-sum', action='store_true', default=False,
+                       help='Sum over classes when using BCE loss.')
+    group.add_argument('--bce-target-thresh', type=float, default=None,
+                       help='Threshold for binarizing softened BCE targets (default: None, disabled).')
+    group.add_argument('--bce-pos-weight', type=float, default=None, help='Positive weighting for BCE loss.')
+    group.add_argument('--reprob', type=float, default=0., metavar='PCT',
+                       help='Random erase prob (default: 0.)')
+    group.add_argument('--remode', type=str, default='pixel', help='Random erase mode (default: "pixel")')
+    group.add_argument('--recount', type=int, default=1, help='Random erase count (default: 1)')
+    group.add_argument('--resplit', action='store_true', default=False,
+                       help='Do not random erase first (clean) augmentation split')
+    group.add_argument('--mixup', type=float, default=0.0,
+                       help='mixup alpha, mixup enabled if > 0. (default: 0.)')
+    group.add_argument('--cutmix', type=float, default=0.0,
+                       help='cutmix alpha, cutmix enabled if > 0. (default: 0.)')
+    group.add_argument('--cutmix-minmax', type=float, nargs='+', default=None,
+                       help='cutmix min/max ratio, overrides alpha and enables cutmix if set (default: None)')
+    group.add_argument('--mixup-prob', type=float, default=1.0,
+                       help='Probability of performing mixup or cutmix when either/both is enabled')
+    group.add_argument('--mixup-switch-prob', type=float, default=0.5,
+                       help='Probability of switching to cutmix when both mixup and cutmix enabled')
+    group.add_argument('--mixup-mode', type=str, default='batch',
+                       help='How to apply mixup/cutmix params. Per "batch", "pair", or "elem"')
+    group.add_argument('--mixup-off-epoch', default=0, type=int, metavar='N',
+                       help='Turn off mixup after this epoch, disabled if 0 (default: 0)')
+    group.add_argument('--smoothing', type=float, default=0.1, help='Label smoothing (default: 0.1)')
+    group.add_argument('--train-interpolation', type=str, default='random',
+                       help='Training interpolation (random, bilinear, bicubic default: "random")')
+    group.add_argument('--drop', type=float, default=0.0, metavar='PCT', help='Dropout rate (default: 0.)')
+    group.add_argument('--drop-path', type=float, default=None, metavar='PCT',
+                       help='Drop path rate (default: None)')
+
+    group = parser.add_argument_group('Batch norm parameters')
+    group.add_argument('--bn-momentum', type=float, default=None, help='BatchNorm momentum override (if not None)')
+    group.add_argument('--bn-eps', type=float, default=None, help='BatchNorm epsilon override (if not None)')
+    group.add_argument('--sync-bn', action='store_true', help='Enable synchronized BatchNorm (student only).')
+    group.add_argument('--dist-bn', type=str, default='reduce',
+                       help='Distribute BatchNorm stats between nodes after each epoch ("broadcast", "reduce", or "")')
+
+    group = parser.add_argument_group('Model exponential moving average parameters')
+    group.add_argument('--model-ema', action='store_true', default=False,
+                       help='Enable tracking moving average of model weights.')
+    group.add_argument('--model-ema-force-cpu', action='store_true', default=False,
+                       help='Force ema to be tracked on CPU, rank=0 node only. Disables EMA validation.')
+    group.add_argument('--model-ema-decay', type=float, default=0.9998,
+                       help='Decay factor for model weights moving average (default: 0.9998)')
+    group.add_argument('--model-ema-warmup', action='store_true', help='Enable warmup for model EMA decay.')
+
+    group = parser.add_argument_group('Miscellaneous parameters')
+    group.add_argument('--seed', type=int, default=42, metavar='S', help='random seed (default: 42)')
+    group.add_argument('--worker-seeding', type=str, default='all', help='worker seed mode (default: all)')
+    group.add_argument('--log-interval', type=int, default=50, metavar='N',
+                       help='how many batches to wait before logging training status')
+    group.add_argument('--val-interval', type=int, default=1, metavar='N',
+                       help='validate every N epochs (the last epoch is always validated)')
+    group.add_argument('--recovery-interval', type=int, default=0, metavar='N',
+                       help='how many updates to wait between recovery checkpoints (0: off)')
+    group.add_argument('--checkpoint-hist', type=int, default=10, metavar='N',
+                       help='number of checkpoints to keep (default: 10)')
+    group.add_argument('-j', '--workers', type=int, default=4, metavar='N',
+                       help='how many training processes to use (default: 4)')
+    group.add_argument('--pin-mem', action='store_true', default=False,
+                       help='Pin CPU memory in DataLoader for more efficient (sometimes) transfer to GPU.')
+    group.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
+    group.add_argument('--output', default='', type=str, metavar='PATH',
+                       help='path to output folder (default: none, current dir)')
+    group.add_argument('--experiment', default='', type=str, metavar='NAME',
+                       help='name of train experiment, name of sub-folder for output')
+    group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
+                       help='Best metric (default: "top1")')
+    group.add_argument('--nonfinite', default='abort', type=str, choices=('abort', 'skip'),
+                       help='on a non-finite loss or gradient: stop naming the term, or skip the update '
+                            '(default: abort)')
+    group.add_argument('--nonfinite-max-skips', type=int, default=10, metavar='N',
+                       help='with --nonfinite skip, stop after this many skipped updates (default: 10)')
+    group.add_argument('--teacher-min-top1', type=float, default=None, metavar='PCT',
+                       help='evaluate the teacher on the validation split before training and stop if its top-1 '
+                            'is below PCT (default: off)')
+    group.add_argument('--teacher-check-batches', type=int, default=None, metavar='N',
+                       help='with --teacher-min-top1, evaluate on the first N validation batches only')
+    return parser
+
+
+def _parse_args(argv=None):
+    return parse_args_with_recipe(_parser(), argv)
+
+
+def _check_args(parser_error, args):
+    if args.distiller != 'none' and not args.teacher:
+        parser_error(f'--distiller {args.distiller} needs a teacher: pass --teacher NAME (and --teacher-checkpoint '
+                     f'PATH for local weights)')
+    if args.distiller == 'none' and (args.teacher or args.teacher_checkpoint):
+        parser_error('--teacher is set but --distiller is none; pass --distiller kd or --distiller scalekd')
+    if args.teacher_checkpoint and not os.path.isfile(args.teacher_checkpoint):
+        parser_error(f"--teacher-checkpoint '{args.teacher_checkpoint}' does not exist")
+    if not is_model(split_model_name_tag(args.model)[0]):
+        parser_error(f"unknown --model '{args.model}'; use a timm model name (timm.list_models() lists them)")
+    if args.distiller == 'scalekd' and args.layer_decay is not None:
+        parser_error('--layer-decay is not supported with --distiller scalekd (projectors have no layer id)')
+    if args.grad_accum_steps < 1:
+        parser_error('--grad-accum-steps must be >= 1')
+    if not args.data_dir and not args.dataset:
+        parser_error('--data-dir is required (an ImageFolder root with train/ and validation/ or val/ folders)')
+
+
+def main(argv=None):
+    utils.setup_default_logging()
+    args, args_text = _parse_args(argv)
+    _check_args(_parser().error, args)
+    try:
+        return train(args, args_text)
+    except FatalError as e:
+        log_startup_error(_logger, e)
+        return e.exit_code
+
+
+def train(args, args_text):
+    # setup device, distributed, dtype
+    if args.device.startswith('cuda') and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    args.prefetcher = not args.no_prefetcher
+    args.grad_accum_steps = max(1, args.grad_accum_steps)
+    device = utils.init_distributed_device(args)
+    if args.distributed:
+        _logger.info(f'Training in distributed mode with {args.world_size} processes '
+                     f'(rank {args.rank}, device {args.device}).')
+    else:
+        _logger.info(f'Training with a single process on device {args.device}.')
+    assert args.rank >= 0
+
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    use_amp = args.amp
+    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if use_amp else suppress
+    loss_scaler = utils.NativeScaler(device=device.type) if use_amp and amp_dtype == torch.float16 \
+        and device.type == 'cuda' else None
+
+    utils.random_seed(args.seed, args.rank)
+
+    if args.fast_norm:
+        set_fast_norm()
+
+    # create the train and eval datasets (before the model: the class count comes from the data)
+    if not args.dataset:
+        check_data_dir(args.data_dir, (args.train_split,))
+    dataset_train = create_dataset(
+        args.dataset, root=args.data_dir, split=args.train_split, is_training=True, class_map=args.class_map,
+        download=args.dataset_download, batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats,
+        input_img_mode=args.input_img_mode, num_samples=args.train_num_samples,
+    )
+    dataset_eval = None
+    if args.val_split:
+        dataset_eval = create_dataset(
+            args.dataset, root=args.data_dir, split=args.val_split, is_training=False, class_map=args.class_map,
+            download=args.dataset_download, batch_size=args.batch_size, input_img_mode=args.input_img_mode,
+            num_samples=args.val_num_samples,
+        )
+    data_classes = _num_classes(dataset_train)
+    if args.num_classes is None:
+        args.num_classes = data_classes
+    elif data_classes is not None and data_classes != args.num_classes:
+        raise FatalError(f'--num-classes {args.num_classes} does not match the {data_classes} classes found in '
+                         f'{args.data_dir}/{args.train_split}; drop --num-classes or fix the data folder')
+    if not len(dataset_train):
+        raise FatalError(f'the train split of {args.data_dir} holds no images')
+
+    # create the student
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    model = create_model(
+        args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
+        drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
+        bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, checkpoint_path=args.initial_checkpoint or None,
+        **({'pretrained_cfg_overlay': dict(file=args.pretrained_path)} if args.pretrained_path else {}),
+        **args.model_kwargs,
+    )
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    if utils.is_primary(args):
+        n_student = sum(p.numel() for p in model.parameters())
+        _logger.info(f'Student {safe_model_name(args.model)} created, param count: {n_student / 1e6:.2f} M')
+
+    data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
+    img_size = tuple(data_config['input_size'][-2:])
+
+    # create the teacher (frozen, eval) and the distillation task
+    teacher = None
+    if args.distiller != 'none':
+        try:
+            teacher = create_teacher(
+                args.teacher, num_classes=args.num_classes, in_chans=in_chans,
+                checkpoint=args.teacher_checkpoint or None, img_size=args.teacher_img_size, **args.teacher_kwargs)
+        except TeacherLoadError as e:
+            raise FatalError(str(e)) from None
+    criterion_kwargs = _criterion_kwargs(args)
+    task = build_task(
+        args.distiller, model, teacher, criterion_kwargs=criterion_kwargs, device=device, **_task_kwargs(args, img_size),
+        mean=data_config['mean'], std=data_config['std'],
+    )
+    if utils.is_primary(args) and teacher is not None:
+        n_extra = sum(p.numel() for p in task.get_trainable_module().parameters()) - n_student
+        _logger.info(f'Teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params '
+                     f'(frozen, {args.teacher_mode} mode); distillation adds {n_extra / 1e6:.2f} M trained params')
+        for k, w in getattr(task, 'loss_weights', {}).items():
+            _logger.info(f'  loss weight {k}: {w:g}')
+
+    # move to device, channels_last, sync-bn (student only)
+    task.to(device=device)
+    if args.channels_last:
+        task.to(memory_format=torch.channels_last)
+    if args.distributed and args.sync_bn:
+        args.dist_bn = ''
+        student = task.get_eval_model()
+        converted = convert_sync_batchnorm(student)
+        assert converted is student, 'sync-bn conversion must happen in place for the task to see it'
+        if utils.is_primary(args):
+            _logger.info('Converted the student BatchNorm layers to SyncBatchNorm (projectors keep local BN).')
+
+    # setup learning rate from lr_base and the global batch
+    if args.lr is None:
+        global_batch_size = args.batch_size * args.world_size * args.grad_accum_steps
+        batch_ratio = global_batch_size / args.lr_base_size
+        if not args.lr_base_scale:
+            on = args.opt.lower()
+            args.lr_base_scale = 'sqrt' if any(o in on for o in ('ada', 'lamb')) else 'linear'
+        if args.lr_base_scale == 'sqrt':
+            batch_ratio = batch_ratio ** 0.5
+        args.lr = args.lr_base * batch_ratio
+        if utils.is_primary(args):
+            _logger.info(f'Learning rate ({args.lr}) calculated from base learning rate ({args.lr_base}) '
+                         f'and effective global batch size ({global_batch_size}) with {args.lr_base_scale} scaling.')
+
+    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+
+    # optionally resume from a checkpoint
+    resume_epoch, resume_batch, extras = None, 0, None
+    output_dir = _output_dir(args, img_size)
+    resume_path = find_resume(args.resume, output_dir) if args.resume else ''
+    if resume_path:
+        try:
+            resume_epoch = resume_task_checkpoint(
+                task, resume_path, optimizer=None if args.no_resume_opt else optimizer,
+                loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=utils.is_primary(args))
+        except FileNotFoundError:
+            raise FatalError(f"--resume checkpoint '{resume_path}' does not exist") from None
+        except RuntimeError as e:
+            raise FatalError(f"--resume checkpoint '{resume_path}' does not fit this run: {str(e)[:500]}") from None
+        extras = load_state_extras(resume_path, args, force=args.resume_force)
+
+    # setup exponential moving average of the trainable module (student + projectors)
+    if args.model_ema:
+        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                       device='cpu' if args.model_ema_force_cpu else None)
+        if resume_path:
+            load_task_ema_checkpoint(task, resume_path)
+
+    if args.torchcompile:
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
+
+    # setup distributed training: DDP wraps the trainable module only, never the teacher
+    if args.distributed:
+        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
+                                 broadcast_buffers=not args.no_ddp_bb)
+
+    # loaders and mixup
+    collate_fn = None
+    mixup_fn = None
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if mixup_active:
+        mixup_args = dict(
+            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+            label_smoothing=args.smoothing, num_classes=args.num_classes)
+        if args.prefetcher:
+            assert not args.aug_splits, 'collate conflict (cannot use aug splits with mixup + prefetcher)'
+            collate_fn = FastCollateMixup(**mixup_args)
+        else:
+            mixup_fn = Mixup(**mixup_args)
+    if args.aug_splits > 1:
+        dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
+
+    train_interpolation = args.train_interpolation
+    if args.no_aug or not train_interpolation:
+        train_interpolation = data_config['interpolation']
+    loader_train = create_loader(
+        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        re_split=args.resplit, train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio,
+        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats),
+        num_aug_splits=args.aug_splits, interpolation=train_interpolation, mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
+        pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher, worker_seeding=args.worker_seeding,
+        persistent_workers=False,
+    )
+    loader_eval = None
+    if dataset_eval is not None:
+        loader_eval = create_loader(
+            dataset_eval, input_size=data_config['input_size'],
+            batch_size=args.validation_batch_size or args.batch_size, is_training=False,
+            interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+            num_workers=args.workers, distributed=args.distributed, crop_pct=data_config['crop_pct'],
+            pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
+        )
+
+    # setup checkpoint saver, output dir, args.yaml and TensorBoard (rank 0 only)
+    eval_metric = args.eval_metric if loader_eval is not None else 'loss'
+    decreasing_metric = eval_metric == 'loss'
+    saver = None
+    writer = None
+    if utils.is_primary(args):
+        check_output_dir(output_dir)
+        saver = RunSaver(
+            model=task.get_eval_model(), optimizer=optimizer, args=args, amp_scaler=loss_scaler,
+            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing_metric,
+            max_history=args.checkpoint_hist, task=task)
+        saver.extras_fn = partial(_checkpoint_extras, args)
+        if resume_path and os.path.dirname(os.path.abspath(resume_path)) == os.path.abspath(output_dir):
+            saver.load_state_dict_from_checkpoint(resume_path)
+        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
+            f.write(args_text)
+        writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tb'))
+        _logger.info(f'Output folder: {output_dir}')
+
+    # setup learning rate schedule and starting epoch
+    updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
+    lr_scheduler, num_epochs = create_scheduler_v2(
+        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=updates_per_epoch)
+    start_epoch = 0
+    if args.start_epoch is not None:
+        start_epoch = args.start_epoch
+    elif resume_epoch is not None:
+        start_epoch = resume_epoch
+    if extras is not None and extras.get('batch_idx') is not None:
+        # a mid-epoch (recovery) checkpoint: continue inside its epoch, at the next unseen batch
+        start_epoch, resume_batch = extras['epoch'], extras['batch_idx'] + 1
+    if lr_scheduler is not None and start_epoch > 0:
+        if args.sched_on_updates:
+            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+        else:
+            lr_scheduler.step(start_epoch)
+    if utils.is_primary(args):
+        _logger.info(f'Scheduled epochs: {num_epochs}, {updates_per_epoch} updates per epoch.')
+
+    guard = NonFiniteGuard(args.nonfinite, args.nonfinite_max_skips, distributed=args.distributed, device=device)
+    if extras is not None:
+        guard.skipped = extras.get('nonfinite_skipped', 0)
+    if args.teacher_min_top1 is not None:
+        _check_teacher(args, task, loader_eval, amp_autocast, device)
+
+    install_signal_handlers()
+    best_metric, best_epoch = None, None
+    run_timer = RunTimer(start_epoch * updates_per_epoch + resume_batch // args.grad_accum_steps,
+                         num_epochs * updates_per_epoch)
+    ctx = dict(args=args, task=task, optimizer=optimizer, loss_scaler=loss_scaler, amp_autocast=amp_autocast,
+               device=device, saver=saver, writer=writer, lr_scheduler=lr_scheduler, mixup_fn=mixup_fn,
+               guard=guard, run_timer=run_timer, output_dir=output_dir)
+    exit_code = 0
+    try:
+        for epoch in range(start_epoch, num_epochs):
+            if hasattr(dataset_train, 'set_epoch'):
+                dataset_train.set_epoch(epoch)
+            elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
+                loader_train.sampler.set_epoch(epoch)
+            if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+                if args.prefetcher and loader_train.mixup_enabled:
+                    loader_train.mixup_enabled = False
+                elif mixup_fn is not None:
+                    mixup_fn.mixup_enabled = False
+
+            train_metrics = train_one_epoch(
+                epoch, loader_train, ctx, start_batch=resume_batch if epoch == start_epoch else 0,
+                rng_state=extras.get('rng') if (extras and epoch == start_epoch and resume_batch) else None)
+            if train_metrics is None:  # stopped by a signal; a recovery checkpoint was written
+                exit_code = EXIT_PREEMPTED
+                break
+
+            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+
+            eval_metrics = None
+            last_epoch = epoch + 1 == num_epochs
+            if loader_eval is not None and ((epoch + 1) % args.val_interval == 0 or last_epoch):
+                eval_metrics = validate(task.get_eval_model(), loader_eval, args, device, amp_autocast)
+                if task.has_ema() and not args.model_ema_force_cpu:
+                    if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                        utils.distribute_bn(task.get_trainable_module(ema=True), args.world_size,
+                                            args.dist_bn == 'reduce')
+                    ema_metrics = validate(task.get_eval_model(ema=True), loader_eval, args, device,
+                                           amp_autocast, log_suffix=' (EMA)')
+                    eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+
+            if utils.is_primary(args):
+                lrs = [pg['lr'] for pg in optimizer.param_groups]
+                utils.update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
+                                     lr=sum(lrs) / len(lrs), write_header=epoch == start_epoch and
+                                     not os.path.exists(os.path.join(output_dir, 'summary.csv')))
+                for k, v in (eval_metrics or {}).items():
+                    writer.add_scalar(f'eval/{k}', v, epoch)
+                writer.flush()
+                metric = eval_metrics[eval_metric] if eval_metrics else None
+                best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
+
+            if lr_scheduler is not None:
+                lr_scheduler.step(epoch + 1, eval_metrics[eval_metric] if eval_metrics else None)
+            resume_batch = 0
+    except KeyboardInterrupt:
+        exit_code = EXIT_PREEMPTED
+    finally:
+        if writer is not None:
+            writer.close()
+        if args.distributed and dist.is_initialized():
+            dist.destroy_process_group()
+    if best_metric is not None and utils.is_primary(args):
+        _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+    return exit_code
+
+
+def _num_classes(dataset):
+    reader = getattr(dataset, 'reader', None)
+    class_to_idx = getattr(reader, 'class_to_idx', None)
+    return len(class_to_idx) if class_to_idx else None
+
+
+def _criterion_kwargs(args):
+    """The student's own loss, through timm's create_classification_loss."""
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if args.bce_loss:
+        return dict(loss_type='bce', soft_targets=mixup_active, smoothing=args.smoothing,
+                    bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight)
+    return dict(loss_type='ce', soft_targets=mixup_active, smoothing=args.smoothing)
+
+
+def _task_kwargs(args, img_size):
+    """The one place where flags become distiller keyword arguments."""
+    if args.distiller == 'none':
+        return {}
+    kw = dict(teacher_mode=args.teacher_mode,
+              teacher_img_size=(args.teacher_img_size,) * 2 if args.teacher_img_size else None,
+              kd_weight=args.kd_weight, kd_temperature=args.kd_temperature)
+    if args.distiller == 'scalekd':
+        kw.update(img_size=img_size, student_s3=args.scalekd_student_s3, student_s4=args.scalekd_student_s4,
+                  alpha_s3=args.scalekd_alpha_s3, alpha_s4=args.scalekd_alpha_s4, heads_s3=args.scalekd_heads_s3,
+                  heads_s4=args.scalekd_heads_s4, softmax_scale=args.scalekd_softmax_scale,
+                  cap_norm=args.scalekd_cap_norm, tail_blocks=args.scalekd_tail_blocks)
+    return kw
+
+
+def _output_dir(args, img_size):
+    exp_name = args.experiment or '-'.join([
+        datetime.now().strftime('%Y%m%d-%H%M%S'), safe_model_name(args.model), str(img_size[-1])])
+    return os.path.join(args.output or './output/train', exp_name)
+
+
+def _checkpoint_extras(args):
+    from runtime import run_config
+    return {'run_config': run_config(args)}
+
+
+class RunTimer:
+    """Seconds per update (running mean) -> ETA of the epoch and of the run."""
+
+    def __init__(self, done_updates, total_updates):
+        self.done = done_updates
+        self.total = total_updates
+        self.meter = utils.AverageMeter()
+
+    def update(self, seconds):
+        self.done += 1
+        self.meter.update(seconds)
+
+    def eta(self, left_in_epoch):
+        fmt = lambda s: time.strftime('%H:%M:%S', time.gmtime(max(0, s)))
+        return fmt(left_in_epoch * self.meter.avg), fmt((self.total - self.done) * self.meter.avg)
+
+
+def train_one_epoch(epoch, loader, ctx, start_batch=0, rng_state=None):
+    """One epoch of updates. Returns the epoch's metrics, or None when a stop signal ended it early."""
+    args, task, optimizer = ctx['args'], ctx['task'], ctx['optimizer']
+    loss_scaler, amp_autocast, device = ctx['loss_scaler'], ctx['amp_autocast'], ctx['device']
+    saver, writer, lr_scheduler, guard = ctx['saver'], ctx['writer'], ctx['lr_scheduler'], ctx['guard']
+    # every epoch starts from its own seed, so a resumed run sees the same sampler order and worker seeds
+    utils.random_seed(args.seed + epoch * 4099, args.rank)
+    task.train()
+
+    accum_steps = args.grad_accum_steps
+    num_batches = len(loader)
+    updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
+    last_accum_steps = num_batches % accum_steps or accum_steps
+    last_batch_idx_to_accum = num_batches - last_accum_steps
+    num_updates = epoch * updates_per_epoch + start_batch // accum_steps
+    if start_batch % accum_steps:
+        raise FatalError('a recovery checkpoint inside a gradient-accumulation group cannot be resumed exactly')
+
+    term_sums = OrderedDict()  # loss term -> (sum over samples) on this rank
+    sample_count = 0
+    data_time_m, update_time_m = utils.AverageMeter(), utils.AverageMeter()
+    images_per_s = utils.AverageMeter()
+    optimizer.zero_grad()
+    update_sample_count = 0
+    data_start = update_start = time.time()
+    if start_batch >= num_batches and rng_state is not None:
+        set_rng_state(rng_state)
+    for batch_idx, (input, target) in enumerate(loader):
+        if batch_idx < start_batch:  # resumed mid-epoch: these batches were trained before the stop
+            if batch_idx == start_batch - 1 and rng_state is not None:
+                set_rng_state(rng_state)
+            data_start = update_start = time.time()
+            continue
+        last_batch = batch_idx == num_batches - 1
+        need_update = last_batch or (batch_idx + 1) % accum_steps == 0
+        update_idx = batch_idx // accum_steps
+        accum = last_accum_steps if batch_idx >= last_batch_idx_to_accum else accum_steps
+        if not args.prefetcher:
+            input, target = input.to(device), target.to(device)
+            if ctx['mixup_fn'] is not None:
+                input, target = ctx['mixup_fn'](input, target)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        data_time_m.update(time.time() - data_start)
+
+        with (task.no_sync() if args.distributed and not need_update else suppress()):
+            with amp_autocast():
+                out = task(input, target)
+            terms = OrderedDict((k, v.detach()) for k, v in out.items() if k.startswith('loss'))
+            loss = out['loss'] / accum
+            skip = False
+            if loss_scaler is not None:
+                skip = guard.check(terms, num_updates)
+                if not skip:
+                    loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                                parameters=task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
+                                need_update=need_update)
+            else:
+                loss.backward()
+                if need_update:
+                    grads = [p.grad for p in task.get_trainable_module().parameters() if p.grad is not None]
+                    grad_ok = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else None
+                    check = dict(terms)
+                    if grad_ok is not None:
+                        check['gradient'] = torch.where(grad_ok, 0.0, float('nan'))
+                    skip = guard.check(check, num_updates)
+                    if not skip:
+                        if args.clip_grad is not None:
+                            utils.dispatch_clip_grad(
+                                task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
+                                value=args.clip_grad, mode=args.clip_mode)
+                        optimizer.step()
+        bs = input.shape[0]
+        for k, v in terms.items():
+            term_sums[k] = term_sums.get(k, 0.) + v.float() * bs
+        sample_count += bs
+        update_sample_count += bs
+        if not need_update:
+            data_start = time.time()
+            continue
+
+        num_updates += 1
+        optimizer.zero_grad()
+        if not skip:
+            task.update_ema(step=num_updates)
+        if args.synchronize_step and device.type == 'cuda':
+            torch.cuda.synchronize()
+        now = time.time()
+        update_time_m.update(now - update_start)
+        ctx['run_timer'].update(now - update_start)
+        images_per_s.update(update_sample_count * args.world_size / max(now - update_start, 1e-9))
+        update_start = now
+        update_sample_count = 0
+
+        if update_idx % args.log_interval == 0 or last_batch:
+            lrl = [pg['lr'] for pg in optimizer.param_groups]
+            lr = sum(lrl) / len(lrl)
+            avg = _reduce_terms(term_sums, sample_count, args)
+            if utils.is_primary(args):
+                eta_epoch, eta_run = ctx['run_timer'].eta(updates_per_epoch - update_idx - 1)
+                terms_str = '  '.join(f'{k}: {v:.4f}' for k, v in avg.items())
+                wait = 100 * data_time_m.avg / max(update_time_m.avg, 1e-9)
+                _logger.info(
+                    f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
+                    f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  {terms_str}  '
+                    f'Time: {update_time_m.val:.3f}s, {images_per_s.val:>7.2f}/s ({update_time_m.avg:.3f}s, '
+                    f'{images_per_s.avg:>7.2f}/s)  LR: {lr:.3e}  Data: {data_time_m.avg:.3f} ({wait:.0f}% wait)  '
+                    f'ETA epoch {eta_epoch} run {eta_run}')
+                step = num_updates
+                for k, v in avg.items():
+                    writer.add_scalar(f'train/{k}', v, step)
+                writer.add_scalar('train/lr', lr, step)
+                writer.add_scalar('train/img_per_s', images_per_s.avg, step)
+                writer.add_scalar('train/data_wait_pct', wait, step)
+
+        stop = stop_requested(args.distributed, device)
+        if stop or (args.recovery_interval and num_updates % args.recovery_interval == 0 and not last_batch):
+            rng = gather_rng_states(args.distributed)
+            if saver is not None:
+                saver.rng_states = rng
+                saver.extra_state['nonfinite_skipped'] = guard.skipped
+                saver.save_recovery(epoch, batch_idx=batch_idx)
+            if stop:
+                if utils.is_primary(args):
+                    _logger.warning(f'Stopped at epoch {epoch} batch {batch_idx}; recovery checkpoint written. '
+                                    f'Continue with --resume auto (exit code {EXIT_PREEMPTED}).')
+                return None
+
+        if lr_scheduler is not None:
+            lr_scheduler.step_update(num_updates=num_updates, metric=None)
+        data_start = time.time()
+
+    if hasattr(optimizer, 'sync_lookahead'):
+        optimizer.sync_lookahead()
+    metrics = _reduce_terms(term_sums, sample_count, args)
+    metrics['img_per_s'] = images_per_s.avg
+    metrics['data_time'] = data_time_m.avg
+    metrics['nonfinite_skipped'] = guard.skipped
+    return metrics
+
+
+def _reduce_terms(term_sums, count, args):
+    """Mean of each loss term over the samples of all ranks (one host sync)."""
+    if not term_sums:
+        return OrderedDict()
+    keys = list(term_sums)
+    t = torch.stack([term_sums[k].float() for k in keys])
+    t = torch.cat([t, t.new_tensor([float(count)])])
+    if args.distributed:
+        dist.all_reduce(t)
+    t = t.cpu()
+    return OrderedDict((k, (t[i] / max(t[-1], 1)).item()) for i, k in enumerate(keys))
+
+
+@torch.no_grad()
+def validate(model, loader, args, device, amp_autocast=suppress, log_suffix='', max_batches=None):
+    """Top-1 / top-5 / loss of ``model`` on ``loader``, reduced over ranks."""
+    loss_fn = nn.CrossEntropyLoss().to(device)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, n
+    start = time.time()
+    for batch_idx, (input, target) in enumerate(loader):
+        if max_batches is not None and batch_idx >= max_batches:
+            break
+        if not args.prefetcher:
+            input, target = input.to(device), target.to(device)
+        if args.channels_last:
+            input = input.contiguous(memory_format=torch.channels_last)
+        with amp_autocast():
+            output = model(input)
+            if isinstance(output, (tuple, list)):
+                output = output[0]
+        loss = loss_fn(output.float(), target)
+        k = min(5, output.shape[-1])
+        acc1, acc5 = utils.accuracy(output, target, topk=(1, k))
+        n = input.shape[0]
+        sums += torch.stack([loss * n, acc1 * n, acc5 * n, torch.tensor(float(n), device=device)]).double()
+    if args.distributed:
+        dist.all_reduce(sums)
+    sums = sums.cpu()
+    n = max(sums[3].item(), 1)
+    metrics = OrderedDict([('loss', sums[0].item() / n), ('top1', sums[1].item() / n), ('top5', sums[2].item() / n)])
+    model.train(was_training)
+    if utils.is_primary(args):
+        _logger.info(f'Test{log_suffix}: Loss: {metrics["loss"]:.4f}  Acc@1: {metrics["top1"]:.3f}  '
+                     f'Acc@5: {metrics["top5"]:.3f}  ({int(n)} images, {time.time() - start:.1f}s)')
+    return metrics
+
+
+def _check_teacher(args, task, loader_eval, amp_autocast, device):
+    """--teacher-min-top1: catch wrong weights, class counts, normalisation or data before step 0."""
+    if loader_eval is None:
+        raise FatalError('--teacher-min-top1 needs a validation split (--val-split)')
+    teacher = getattr(task, 'teacher', None)
+    if teacher is None:
+        raise FatalError('--teacher-min-top1 needs a teacher (--distiller kd or scalekd)')
+
+    class _TeacherOnStudentInput(nn.Module):
+        def __init__(self):
+            super().__init__()
+            self.t = teacher
+
+        def forward(self, x):
+            return teacher(task.teacher_input(x))
+
+    metrics = validate(_TeacherOnStudentInput(), loader_eval, args, device, amp_autocast, log_suffix=' (teacher)',
+                       max_batches=args.teacher_check_batches)
+    task.train()
+    if metrics['top1'] < args.teacher_min_top1:
+        raise FatalError(f"teacher '{args.teacher}' reaches top-1 {metrics['top1']:.2f} on the validation split, "
+                         f"below --teacher-min-top1 {args.teacher_min_top1}: check the teacher weights and its "
+                         f"class count, the normalisation (--mean/--std) and the data")
+
+
+if __name__ == '__main__':
+    sys.exit(main())
