@@ -1,0 +1,32 @@
+import os
+import sys
+
+import pytest
+import torch
+
+ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+if ROOT not in sys.path:
+    sys.path.insert(0, ROOT)
+os.environ.setdefault('HF_HUB_OFFLINE', '1')
+torch.set_num_threads(min(2, torch.get_num_threads()))
+
+
+def make_image_folder(root, classes=3, per_class=4, size=32, splits=('train', 'validation'), seed=0):
+    """A tiny ImageFolder of random RGB PNGs: root/<split>/<class>/<i>.png."""
+    import numpy as np
+    from PIL import Image
+    rng = np.random.RandomState(seed)
+    for split in splits:
+        for c in range(classes):
+            d = os.path.join(root, split, f'class{c}')
+            os.makedirs(d, exist_ok=True)
+            for i in range(per_class):
+                # class-dependent brightness so a model can learn something
+                arr = (rng.rand(size, size, 3) * 128 + c * 40).clip(0, 255).astype('uint8')
+                Image.fromarray(arr).save(os.path.join(d, f'{i}.png'))
+    return str(root)
+
+
+@pytest.fixture
+def image_folder(tmp_path):
+    return make_image_folder(tmp_path / 'data')
