@@ -6,18 +6,25 @@
 * ``find_resume('auto', dir)`` picks the newest checkpoint in the run folder that loads.
 * SIGTERM / SIGUSR1 / SIGINT set a flag; the train loop finishes its step, writes a recovery
   checkpoint and exits with ``EXIT_PREEMPTED`` so a requeue script can tell preemption from failure.
+* ``collective_timeout`` bounds every collective, so a dead rank stops the others with an error.
+* ``BadImageGuard`` skips unreadable images, names and counts them, and stops the run past a limit.
 """
 import argparse
+import errno
 import glob
 import logging
 import os
 import random
 import re
+import shutil
 import signal
+from contextlib import contextmanager
+from datetime import timedelta
 from typing import Any, Dict, List, Optional
 
 import numpy as np
 import torch
+from PIL import Image
 import torch.distributed as dist
 
 from timm.utils import CheckpointSaver, get_state_dict
@@ -33,6 +40,7 @@ RESUME_FREE_KEYS = {
     'output', 'experiment', 'pin_mem', 'device', 'dist_backend', 'config', 'synchronize_step', 'start_epoch',
     'teacher_min_top1', 'teacher_check_batches', 'nonfinite', 'nonfinite_max_skips', 'val_interval', 'epochs',
     'data_dir', 'teacher_checkpoint', 'prefetcher', 'distributed', 'world_size', 'rank', 'local_rank',
+    'dist_timeout', 'max_bad_images',
 }
 
 
@@ -42,7 +50,10 @@ class FatalError(RuntimeError):
 
 
 def log_startup_error(logger, e: Exception) -> None:
-    logger.error(f'ERROR: {e}')
+    msg = str(e)
+    if 'Original Traceback' in msg:  # raised in a DataLoader worker: keep the message, drop the traceback
+        msg = msg.rstrip().splitlines()[-1].split('FatalError: ', 1)[-1]
+    logger.error(f'ERROR: {msg}')
 
 
 # --- input checks ------------------------------------------------------------------------------
@@ -118,9 +129,14 @@ def _rng_from_tensors(saved):
     return state
 
 
-def gather_rng_states(distributed: bool) -> List[Dict[str, Any]]:
-    """RNG states of all ranks (collective: every rank must call it)."""
-    own = _rng_to_tensors(get_rng_state())
+def capture_rng_state() -> Dict[str, Any]:
+    """This process's RNG state in the form a checkpoint stores (plain types + tensors)."""
+    return _rng_to_tensors(get_rng_state())
+
+
+def gather_rng_states(distributed: bool, state: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
+    """``state`` (default: the current RNG state) of every rank (collective: every rank must call it)."""
+    own = state if state is not None else capture_rng_state()
     if not distributed:
         return [own]
     out = [None] * dist.get_world_size()
@@ -128,8 +144,51 @@ def gather_rng_states(distributed: bool) -> List[Dict[str, Any]]:
     return out
 
 
+# --- distributed setup -------------------------------------------------------------------------------
+@contextmanager
+def collective_timeout(seconds: Optional[float]):
+    """Give the process group that timm's ``init_distributed_device`` creates a collective timeout.
+
+    Any collective that waits longer (a rank died, hangs or lost its network) raises on the ranks
+    still alive instead of blocking forever; torchrun then stops the launch with a non-zero code.
+    """
+    if not seconds:
+        yield
+        return
+    original = dist.init_process_group
+
+    def init_process_group(*args, **kwargs):
+        kwargs.setdefault('timeout', timedelta(seconds=float(seconds)))
+        return original(*args, **kwargs)
+
+    dist.init_process_group = init_process_group
+    try:
+        yield
+    finally:
+        dist.init_process_group = original
+
+
 # --- checkpoints -----------------------------------------------------------------------------------
+def _fsync_dir(path: str) -> None:
+    fd = os.open(os.path.dirname(os.path.abspath(path)) or '.', os.O_RDONLY)
+    try:
+        os.fsync(fd)
+    finally:
+        os.close(fd)
+
+
+def _write_error(path: str, e: Exception) -> FatalError:
+    # torch.save turns the OSError of a failed write (ENOSPC, EDQUOT, EIO) into a RuntimeError
+    cause = e if isinstance(e, OSError) else e.__context__ if isinstance(e.__context__, OSError) else None
+    reason = (cause.strerror or str(cause)) if cause is not None else str(e).splitlines()[0][:200]
+    hint = 'Free disk space or pass --output on another disk' if cause is not None and cause.errno in (
+        errno.ENOSPC, errno.EDQUOT) else 'Check the output disk'
+    return FatalError(f"could not write checkpoint '{path}' ({reason}); the previous checkpoints are untouched. "
+                      f"{hint}, then restart with --resume auto")
+
+
 def _atomic_torch_save(obj, path: str) -> None:
+    """Write ``path`` so that a crash at any moment leaves either the old file or the complete new one."""
     tmp = f'{path}.partial.{os.getpid()}'
     try:
         with open(tmp, 'wb') as f:
@@ -137,20 +196,43 @@ def _atomic_torch_save(obj, path: str) -> None:
             f.flush()
             os.fsync(f.fileno())
         os.replace(tmp, path)
-        dir_fd = os.open(os.path.dirname(os.path.abspath(path)), os.O_RDONLY)
+        _fsync_dir(path)
+    except (OSError, RuntimeError) as e:
         try:
-            os.fsync(dir_fd)
-        finally:
-            os.close(dir_fd)
-    except OSError as e:
-        if os.path.exists(tmp):
             os.remove(tmp)
-        raise FatalError(f"could not write checkpoint '{path}' ({e.strerror}); the previous checkpoints are "
-                         f"untouched. Free disk space or pass --output on another disk, then --resume auto") from None
+        except OSError:
+            pass
+        raise _write_error(path, e) from None
+
+
+def _atomic_copy(src: str, dst: str) -> None:
+    tmp = f'{dst}.partial.{os.getpid()}'
+    try:
+        shutil.copyfile(src, tmp)
+        with open(tmp, 'rb') as f:
+            os.fsync(f.fileno())
+        os.replace(tmp, dst)
+        _fsync_dir(dst)
+    except OSError as e:
+        try:
+            os.remove(tmp)
+        except OSError:
+            pass
+        raise _write_error(dst, e) from None
+
+
+_RECOVERY_RE = re.compile(r'recovery-(\d+)-(\d+)\.pth\.tar$')
 
 
 class RunSaver(CheckpointSaver):
     """timm's CheckpointSaver with atomic writes and exact-resume state.
+
+    Every file is written under a temporary name, fsynced and renamed (``tmp``/``recovery_tmp``
+    go through ``_atomic_torch_save`` before timm's rename; ``last``/``model_best``/``checkpoint-N``
+    copies are hardlinks or atomic copies), and the folder is fsynced after each rename.
+    Leftover ``*.partial.*`` files of a killed writer are removed at start. Once an epoch
+    checkpoint is saved, the recovery files of that epoch and earlier are deleted (the epoch
+    checkpoint supersedes them), so restarts do not pile up recovery files.
 
     The loop sets ``rng_states`` (all ranks) and ``extra_state`` before each save.
     """
@@ -161,6 +243,29 @@ class RunSaver(CheckpointSaver):
         self.extra_state: Dict[str, Any] = {}
         self.extras_fn = None
         self._batch_idx = None
+        for d in {self.checkpoint_dir, self.recovery_dir}:
+            for f in glob.glob(os.path.join(d, '*.partial.*')):
+                try:
+                    os.remove(f)
+                    _logger.info(f"Removed the incomplete file '{f}' of an interrupted save")
+                except OSError:
+                    pass
+
+    def _replace(self, src, dst):
+        super()._replace(src, dst)
+        _fsync_dir(dst)
+
+    def _duplicate(self, src, dst):
+        if self.can_hardlink:
+            try:
+                if os.path.exists(dst):
+                    os.unlink(dst)
+                os.link(src, dst)
+                _fsync_dir(dst)
+                return
+            except (OSError, NotImplementedError):
+                self.can_hardlink = False
+        _atomic_copy(src, dst)
 
     def _save(self, save_path, epoch, metric=None):
         state = {'epoch': epoch, 'arch': self.args.model if self.args is not None else '',
@@ -188,7 +293,12 @@ class RunSaver(CheckpointSaver):
 
     def save_checkpoint(self, epoch, metric=None):
         self._batch_idx = None
-        return super().save_checkpoint(epoch, metric)
+        self.rng_states = None  # mid-epoch state only
+        for k in ('rng_prev', 'epoch_sums'):
+            self.extra_state.pop(k, None)
+        result = super().save_checkpoint(epoch, metric)
+        self.prune_recovery(epoch)
+        return result
 
     def save_recovery(self, epoch, batch_idx=0):
         self._batch_idx = batch_idx
@@ -197,13 +307,47 @@ class RunSaver(CheckpointSaver):
         finally:
             self._batch_idx = None
 
+    def prune_recovery(self, epoch: int) -> None:
+        """Delete recovery files of ``epoch`` and earlier (superseded by the epoch checkpoint)."""
+        for f in glob.glob(os.path.join(self.recovery_dir, f'{self.recovery_prefix}-*{self.extension}')):
+            m = _RECOVERY_RE.search(os.path.basename(f))
+            if m and int(m.group(1)) <= epoch:
+                try:
+                    os.remove(f)
+                except OSError as e:
+                    _logger.warning(f"could not remove the old recovery checkpoint '{f}': {e}")
+        for attr in ('curr_recovery_file', 'prev_recovery_file'):
+            if not os.path.exists(getattr(self, attr) or ''):
+                setattr(self, attr, '')
 
-def _load(path):
+    def adopt_recovery(self, path: str) -> None:
+        """After resuming from a recovery file of this folder, let the normal rotation delete it later."""
+        if _RECOVERY_RE.search(os.path.basename(path)):
+            self.curr_recovery_file = path
+
+
+def _load(path, mmap: bool = False):
     with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
+        return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
+
+
+def _checkpoint_position(path: str):
+    """(epoch, batch) a checkpoint file reaches, read from its metadata; None if it does not load.
+
+    Epoch-end checkpoints sort after every recovery file of their epoch (batch = inf).
+    """
+    try:
+        ckpt = _load(path, mmap=True)  # memory mapped: cheap even for large files
+    except Exception:
+        return None
+    if not isinstance(ckpt, dict) or 'state_dict' not in ckpt or 'epoch' not in ckpt:
+        return None
+    batch = (ckpt.get('run_state') or {}).get('batch_idx')
+    return int(ckpt['epoch']), float('inf') if batch is None else int(batch)
 
 
 def is_valid_checkpoint(path: str) -> bool:
+    """True when ``path`` loads completely (weights_only) and looks like a training checkpoint."""
     try:
         ckpt = _load(path)
     except Exception:
@@ -211,44 +355,35 @@ def is_valid_checkpoint(path: str) -> bool:
     return isinstance(ckpt, dict) and 'state_dict' in ckpt and 'epoch' in ckpt
 
 
-def _progress(path: str):
-    """Sort key: (epoch, batch) a checkpoint file reaches; epoch-end files come after every batch."""
-    name = os.path.basename(path)
-    m = re.match(r'recovery-(\d+)-(\d+)\.pth\.tar$', name)
-    if m:
-        return int(m.group(1)), int(m.group(2)), os.path.getmtime(path)
-    m = re.match(r'(?:checkpoint|milestone)-(\d+)\.pth\.tar$', name)
-    if m:
-        return int(m.group(1)), float('inf'), os.path.getmtime(path)
-    return -1, -1, os.path.getmtime(path)  # last / model_best: ordered by time only
-
-
 def find_resume(resume: str, output_dir: str) -> str:
-    """``--resume PATH`` as given, or for 'auto' the newest checkpoint in ``output_dir`` that loads."""
+    """``--resume PATH`` as given, or for 'auto' the newest checkpoint in ``output_dir`` that loads.
+
+    'auto' ignores temporary and partial files (``tmp``, ``recovery_tmp``, ``*.partial.*``) and any
+    file that does not load (truncated, corrupt); it returns '' when the folder holds no usable
+    checkpoint (a new run).
+    """
     if resume != 'auto':
         if not os.path.isfile(resume):
             raise FatalError(f"--resume checkpoint '{resume}' does not exist; pass a .pth.tar of this project "
                              f"or --resume auto with the run's --output/--experiment")
         return resume
-    files = [f for f in glob.glob(os.path.join(output_dir, '*.pth.tar')) if '.partial' not in f
-             and not os.path.basename(f).startswith(('tmp', 'recovery_tmp'))]
-    # read 'last' first: it is the newest complete epoch, and recovery files after it are newer still
+    files = [f for f in glob.glob(os.path.join(output_dir, '*.pth.tar'))
+             if not os.path.basename(f).startswith(('tmp', 'recovery_tmp'))]
     candidates = []
     for f in files:
-        if not is_valid_checkpoint(f):
-            _logger.warning(f"--resume auto: skipping '{f}' (incomplete or unreadable)")
+        pos = _checkpoint_position(f)
+        if pos is None:
+            _logger.warning(f"--resume auto: ignoring '{f}' (incomplete or unreadable)")
             continue
-        run_state = _load(f).get('run_state', {}) or {}
-        ckpt_epoch = _load(f)['epoch']
-        batch = run_state.get('batch_idx')
-        candidates.append(((ckpt_epoch, float('inf') if batch is None else batch), f))
-    if not candidates:
-        _logger.info(f"--resume auto: no checkpoint in '{output_dir}', starting a new run")
-        return ''
-    candidates.sort(key=lambda c: (c[0], os.path.getmtime(c[1])))
-    path = candidates[-1][1]
-    _logger.info(f"--resume auto: resuming from '{path}'")
-    return path
+        candidates.append((pos, os.path.getmtime(f), f))
+    # newest first; a full load confirms the choice (a file can be readable in its index but damaged)
+    for _, _, f in sorted(candidates, reverse=True):
+        if is_valid_checkpoint(f):
+            _logger.info(f"--resume auto: resuming from '{f}'")
+            return f
+        _logger.warning(f"--resume auto: ignoring '{f}' (damaged)")
+    _logger.info(f"--resume auto: no usable checkpoint in '{output_dir}', starting a new run")
+    return ''
 
 
 def run_config(args) -> Dict[str, Any]:
@@ -257,7 +392,11 @@ def run_config(args) -> Dict[str, Any]:
 
 
 def load_state_extras(path: str, args, force: bool = False) -> Dict[str, Any]:
-    """Exact-resume state of a checkpoint; refuses a resume under different settings unless forced."""
+    """Exact-resume state of a checkpoint; refuses a resume under different settings unless forced.
+
+    ``rng`` / ``rng_prev`` come back as this rank's states (None when the checkpoint was written
+    by a run with fewer ranks).
+    """
     ckpt = _load(path)
     extras = dict(ckpt.get('run_state') or {})
     extras['epoch'] = ckpt.get('epoch', 0)
@@ -267,14 +406,17 @@ def load_state_extras(path: str, args, force: bool = False) -> Dict[str, Any]:
         diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
         if diff and not force:
             shown = ', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in diff[:10])
-            raise FatalError(f"--resume '{path}' was saved with different settings ({shown}); resume with the "
-                             f"same recipe and flags, or pass --resume-force to continue anyway")
+            more = f' and {len(diff) - 10} more' if len(diff) > 10 else ''
+            raise FatalError(f"--resume '{path}' was saved with different settings ({shown}{more}); resume with "
+                             f"the same recipe and flags, or pass --resume-force to continue anyway")
         if diff:
             _logger.warning(f'--resume-force: continuing although {", ".join(diff)} changed')
-    rng = extras.get('rng')
-    if rng is not None:
-        rank = getattr(args, 'rank', 0)
-        extras['rng'] = _rng_from_tensors(rng[rank]) if rank < len(rng) else None
+    rank = getattr(args, 'rank', 0)
+    for key in ('rng', 'rng_prev'):
+        states = extras.get(key)
+        if states is not None:
+            own = states[rank] if rank < len(states) else None
+            extras[key] = _rng_from_tensors(own) if own is not None else None
     return extras
 
 
@@ -335,3 +477,110 @@ class NonFiniteGuard:
             raise FatalError(f'more than {self.max_skips} updates had a non-finite {what} (last: {where}); '
                              f'stopping. Raise --nonfinite-max-skips or lower --lr')
         return True
+
+
+# --- unreadable images ------------------------------------------------------------------------------------
+class BadImageGuard(torch.utils.data.Dataset):
+    """Wrap a timm ``ImageDataset``: an image that cannot be read or decoded is skipped and named.
+
+    timm's ImageDataset logs only the index of a failing sample and gives up after 10 failures in a
+    row; a run over a large folder with a few broken files should instead go on, say which files
+    were skipped and stop when there are too many. A skipped sample is replaced by the next
+    readable one of the split (so batches keep their size). Counts live in shared memory, one
+    slot per loader worker, so the main process and all workers see the total of this process;
+    past ``max_bad`` the dataset raises ``FatalError`` and the run stops with one message.
+    """
+    _SLOTS = 257  # main process + up to 256 loader workers
+
+    def __init__(self, dataset, max_bad: int = 100, split: str = 'train'):
+        self.dataset = dataset
+        self.max_bad = max_bad
+        self.split = split
+        self.counts = torch.zeros(self._SLOTS, dtype=torch.int64).share_memory_()
+
+    # create_loader / AugMixDataset set the transform on the dataset they get: forward it
+    @property
+    def transform(self):
+        return self.dataset.transform
+
+    @transform.setter
+    def transform(self, value):
+        self.dataset.transform = value
+
+    @property
+    def target_transform(self):
+        return self.dataset.target_transform
+
+    @target_transform.setter
+    def target_transform(self, value):
+        self.dataset.target_transform = value
+
+    def __getattr__(self, name):
+        if name == 'dataset':  # not set yet (unpickling)
+            raise AttributeError(name)
+        return getattr(self.dataset, name)
+
+    def __len__(self):
+        return len(self.dataset)
+
+    @property
+    def bad_count(self) -> int:
+        return int(self.counts.sum())
+
+    def _decode(self, index):
+        ds = self.dataset
+        sample, target, *features = ds.reader[index]
+        if ds.load_bytes:
+            return sample.read(), target, features
+        img = Image.open(sample)
+        if ds.input_img_mode:
+            img = img.convert(ds.input_img_mode)  # decodes the pixels: truncated files fail here
+        return img, target, features
+
+    def _name(self, index) -> str:
+        try:
+            return self.dataset.filename(index, absolute=True)
+        except Exception:
+            return f'sample {index}'
+
+    def _record(self, index, e: Exception) -> None:
+        info = torch.utils.data.get_worker_info()
+        slot = 0 if info is None else 1 + info.id % (self._SLOTS - 1)
+        self.counts[slot] += 1
+        total = self.bad_count
+        name = self._name(index)
+        _logger.warning(f"skipped unreadable image '{name}' ({type(e).__name__}: {str(e)[:200]}); "
+                        f"{total} bad image(s) in the {self.split} split so far (limit --max-bad-images "
+                        f"{self.max_bad})")
+        if total > self.max_bad:
+            raise FatalError(f"more than --max-bad-images {self.max_bad} images of the {self.split} split could "
+                             f"not be read (last: '{name}'; all are named in the log); repair or remove them, or "
+                             f"raise --max-bad-images")
+
+    def __getitem__(self, index):
+        n = len(self.dataset)
+        for attempt in range(n):
+            i = (index + attempt) % n
+            try:
+                img, target, features = self._decode(i)
+            except (OSError, SyntaxError, ValueError, Image.DecompressionBombError) as e:
+                self._record(i, e)
+                continue
+            break
+        else:
+            raise FatalError(f'no image of the {self.split} split can be read; check the data folder')
+        ds = self.dataset
+        if ds.transform is not None:
+            img = ds.transform(img)
+        if target is None:
+            target = -1
+        elif ds.target_transform is not None:
+            target = ds.target_transform(target)
+        return (img, target, *features) if ds.additional_features is not None else (img, target)
+
+
+def guard_bad_images(dataset, max_bad: int, split: str):
+    """``dataset`` wrapped in a BadImageGuard when it is an image-file dataset, else unchanged."""
+    if dataset is None or not all(hasattr(dataset, a) for a in ('reader', 'load_bytes', 'input_img_mode')):
+        return dataset
+    return BadImageGuard(dataset, max_bad=max_bad, split=split)
