@@ -38,8 +38,9 @@ from config import parse_args_with_recipe
 from distillers import DISTILLERS, TeacherLoadError, build_task, create_teacher
 from distillers.base import TEACHER_MODES
 from runtime import (
-    EXIT_PREEMPTED, FatalError, NonFiniteGuard, RunSaver, check_data_dir, check_output_dir, find_resume,
-    gather_rng_states, install_signal_handlers, load_state_extras, log_startup_error, set_rng_state, stop_requested,
+    EXIT_PREEMPTED, FatalError, NonFiniteGuard, RunSaver, check_data_dir, check_output_dir, collective_timeout,
+    find_resume, gather_rng_states, guard_bad_images, install_signal_handlers, load_state_extras, log_startup_error,
+    set_rng_state, stop_requested,
 )
 
 _logger = logging.getLogger('train')
@@ -166,6 +167,9 @@ def _parser():
                        help='torch.cuda.synchronize() end of each step')
     group.add_argument('--dist-backend', default=None, type=str,
                        help='torch.distributed backend (default: nccl on cuda, gloo on cpu)')
+    group.add_argument('--dist-timeout', type=float, default=float(os.environ.get('TORCH_DIST_TIMEOUT', 0) or 1800),
+                       metavar='SEC', help='collective timeout: when a rank dies or hangs, the others stop with an '
+                                           'error after this many seconds (default: $TORCH_DIST_TIMEOUT or 1800)')
 
     group = parser.add_argument_group('Optimizer parameters')
     group.add_argument('--opt', default='sgd', type=str, metavar='OPTIMIZER', help='Optimizer (default: "sgd")')
@@ -333,6 +337,9 @@ def _parser():
                             'is below PCT (default: off)')
     group.add_argument('--teacher-check-batches', type=int, default=None, metavar='N',
                        help='with --teacher-min-top1, evaluate on the first N validation batches only')
+    group.add_argument('--max-bad-images', type=int, default=100, metavar='N',
+                       help='unreadable or corrupt images are skipped and named in the log; stop when a process '
+                            'has skipped more than N of them (default: 100)')
     return parser
 
 
@@ -377,13 +384,17 @@ def train(args, args_text):
         torch.backends.cudnn.benchmark = True
     args.prefetcher = not args.no_prefetcher
     args.grad_accum_steps = max(1, args.grad_accum_steps)
-    device = utils.init_distributed_device(args)
+    with collective_timeout(args.dist_timeout):
+        device = utils.init_distributed_device(args)
     if args.distributed:
         _logger.info(f'Training in distributed mode with {args.world_size} processes '
                      f'(rank {args.rank}, device {args.device}).')
     else:
         _logger.info(f'Training with a single process on device {args.device}.')
     assert args.rank >= 0
+    if args.aug_repeats and not args.distributed:
+        raise FatalError(f'--aug-repeats {args.aug_repeats:g} needs distributed training (timm\'s RepeatAugSampler); '
+                         f'launch with ./distributed_train.sh N ... or drop --aug-repeats')
 
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     use_amp = args.amp
@@ -419,6 +430,9 @@ def train(args, args_text):
                          f'{args.data_dir}/{args.train_split}; drop --num-classes or fix the data folder')
     if not len(dataset_train):
         raise FatalError(f'the train split of {args.data_dir} holds no images')
+    # unreadable / corrupt images: skipped, named in the log, counted against --max-bad-images
+    dataset_train = guard_bad_images(dataset_train, args.max_bad_images, args.train_split)
+    dataset_eval = guard_bad_images(dataset_eval, args.max_bad_images, args.val_split)
 
     # create the student
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
