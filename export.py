@@ -1,0 +1,196 @@
+#!/usr/bin/env python3
+"""Export the student of a distillation run as a plain timm weight file (timm's clean_checkpoint idea).
+
+Keeps the student or its EMA (default: the EMA when the run has one), drops the projectors
+(``task_state``), optimizer, args and run state, checks a strict load into ``timm.create_model``
+of the run's student, and writes ``.safetensors`` or a weights-only ``.pth`` atomically.
+``--from-official`` converts a checkpoint of the official (mmcls) ScaleKD code for ResNet students.
+
+    python export.py --checkpoint RUN/model_best.pth.tar --output student.safetensors [--validate-data DATA]
+    python export.py --from-official --model resnet50 --checkpoint scalekd_r50.pth --output r50.safetensors
+"""
+import argparse
+import json
+import logging
+import os
+import re
+import sys
+
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from timm import utils
+from timm.models import clean_state_dict, create_model, load_state_dict
+from timm.models.resnet import ResNet
+
+import models  # noqa: F401  registers the demo / paper student variants
+from runtime import FatalError, log_startup_error
+from validate import load_strict, load_weights_only, run_settings, validate_main
+
+_logger = logging.getLogger('export')
+TOP1_TOLERANCE = 0.01  # points
+
+
+class ExportCheckError(FatalError):
+    """The exported file does not validate like the student it came from."""
+    exit_code = 1
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description='Export the student of a ScaleKD / KD run for timm')
+    p.add_argument('--checkpoint', required=True, metavar='PATH', help='run checkpoint, e.g. RUN/model_best.pth.tar')
+    p.add_argument('--output', default='', metavar='PATH',
+                   help='.safetensors (default) or .pth file (default: <model>[-ema].safetensors next to the input)')
+    p.add_argument('--use-ema', action=argparse.BooleanOptionalAction, default=None,
+                   help='export the EMA student (default: the EMA when the checkpoint has one)')
+    p.add_argument('--from-official', action='store_true', help='input is a checkpoint of the official ScaleKD code')
+    p.add_argument('--model', default='', metavar='NAME', help='timm student name (with --from-official)')
+    p.add_argument('--num-classes', type=int, default=None, help='with --from-official (default: from its head)')
+    p.add_argument('--validate-data', default='', metavar='DIR',
+                   help='validate the export and the student in the checkpoint on DIR; fail if top-1 differs')
+    p.add_argument('-b', '--batch-size', type=int, default=64, help='validation batch size (default: 64)')
+    p.add_argument('-j', '--workers', type=int, default=2, help='validation data workers (default: 2)')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='validation device')
+    return p
+
+
+def official_to_timm(state: dict, model: nn.Module) -> dict:
+    """mmcls ResNet names (``backbone.*``, ``head.fc.*``) -> timm ResNet names, stems of timm's model."""
+    stem = {}
+    if isinstance(model.conv1, nn.Sequential):  # deep stem (resnet*d): mmcls stem.j = ConvModule(conv, bn)
+        convs = [f'conv1.{i}' for i, m in enumerate(model.conv1) if isinstance(m, nn.Conv2d)]
+        norms = [f'conv1.{i}' for i, m in enumerate(model.conv1) if isinstance(m, nn.BatchNorm2d)] + ['bn1']
+        stem = {**{f'stem.{j}.conv': c for j, c in enumerate(convs)}, **{f'stem.{j}.bn': n for j, n in enumerate(norms)}}
+    out = {}
+    for key, value in state.items():
+        if key.startswith('head.fc.'):
+            key = 'fc.' + key[len('head.fc.'):]
+        elif key.startswith('backbone.'):
+            key = key[len('backbone.'):]
+            prefix = re.match(r'stem\.\d+\.(conv|bn)', key)
+            if prefix and prefix.group(0) in stem:
+                key = stem[prefix.group(0)] + key[prefix.end():]
+            key = re.sub(r'^norm1\.', 'bn1.', key)
+            key = re.sub(r'^(layer\d+\.\d+\.)norm(\d)\.', r'\1bn\2.', key)
+        out[key] = value
+    return out
+
+
+def _official_student(ckpt, args):
+    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
+    student = {k[len('student.'):]: v for k, v in (state or {}).items() if k.startswith('student.')
+               and not k.startswith('student.data_preprocessor.') and isinstance(v, torch.Tensor)}
+    if not student:
+        raise FatalError(f"'{args.checkpoint}' has no student.* weights: not a checkpoint of the official ScaleKD code")
+    if not args.model:
+        raise FatalError('--from-official needs --model NAME, the timm name of the student (e.g. resnet50)')
+    head = student.get('head.fc.weight')
+    settings = dict(model=args.model, num_classes=args.num_classes or (head.shape[0] if head is not None else 1000))
+    model = create_model(args.model, num_classes=settings['num_classes'])
+    if not isinstance(model, ResNet):
+        raise FatalError(f"--from-official: no mmcls->timm key mapping is defined for --model {args.model} "
+                         f"({type(model).__name__}); only the ResNet family (resnet50, resnet50d, ...) is supported")
+    return official_to_timm(student, model), settings, model
+
+
+def _atomic_write(state: dict, path: str, settings: dict, check=None) -> None:
+    """Temp file in the target folder, fsync, re-read and compare (and ``check``), then rename over ``path``."""
+    folder, base = os.path.split(os.path.abspath(path))
+    tmp = os.path.join(folder, f'.partial-{os.getpid()}-{base}')
+    try:
+        if path.endswith('.safetensors'):
+            safetensors.torch.save_file(state, tmp, metadata={'format': 'pt', 'scalekd': json.dumps(settings)})
+        else:
+            torch.save(state, tmp)
+        mask = os.umask(0)
+        os.umask(mask)
+        os.chmod(tmp, 0o666 & ~mask)  # safetensors creates 0600 files
+        fd = os.open(tmp, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+        back = load_state_dict(tmp, use_ema=False)
+        if back.keys() != state.keys() or not all(torch.equal(back[k], v) for k, v in state.items()):
+            raise FatalError(f"'{tmp}' does not read back as written; check the disk")
+        if check is not None:
+            check(tmp)
+        os.replace(tmp, path)
+        fd = os.open(folder, os.O_RDONLY)
+        os.fsync(fd)
+        os.close(fd)
+    except OSError as e:
+        raise FatalError(f"could not write '{path}' ({e.strerror}); pass --output on a writable disk") from None
+    finally:
+        if os.path.exists(tmp):
+            os.remove(tmp)
+
+
+def export_main(argv=None) -> dict:
+    args = _parser().parse_args(argv)
+    ckpt = load_weights_only(args.checkpoint)
+    if args.from_official:
+        state, settings, model = _official_student(ckpt, args)
+        use_ema, what = False, 'student of the official ScaleKD checkpoint'
+    else:
+        if not (isinstance(ckpt, dict) and isinstance(ckpt.get('args'), argparse.Namespace)
+                and isinstance(ckpt.get('state_dict'), dict)):
+            raise FatalError(f"'{args.checkpoint}' is not a checkpoint of a train_kd.py run (no student state_dict "
+                             f"and run args); pass RUN/model_best.pth.tar, or --from-official --model NAME for the "
+                             f"official ScaleKD code")
+        has_ema = isinstance(ckpt.get('state_dict_ema'), dict)
+        use_ema = has_ema if args.use_ema is None else args.use_ema
+        if use_ema and not has_ema:
+            raise FatalError(f"'{args.checkpoint}' has no EMA student (run without --model-ema); pass --no-use-ema")
+        key = 'state_dict_ema' if use_ema else 'state_dict'
+        state, settings = clean_state_dict(ckpt[key]), run_settings(ckpt['args'])
+        what = f"{'EMA student (state_dict_ema)' if use_ema else 'student (state_dict)'} of the " \
+               f"{getattr(ckpt['args'], 'distiller', '?')} run; dropped {', '.join(sorted(k for k in ckpt if k != key))}"
+        model = create_model(settings['model'], num_classes=settings.get('num_classes'), in_chans=settings.get(
+            'in_chans') or 3, global_pool=settings.get('gp'), bn_eps=settings.get('bn_eps'),
+            **settings.get('model_kwargs', {}))
+    name, num_classes = settings['model'], model.num_classes
+    load_strict(model, state, args.checkpoint, f"timm.create_model('{name}', num_classes={num_classes}, "
+                                               f"**{settings.get('model_kwargs', {})})")
+    output = args.output or os.path.join(os.path.dirname(args.checkpoint), f"{name}{'-ema' if use_ema else ''}"
+                                                                             f".safetensors")
+    if not output.endswith(('.safetensors', '.pth', '.pt', '.bin')):
+        raise FatalError(f"--output '{output}' must end in .safetensors or .pth")
+    if os.path.abspath(output) == os.path.abspath(args.checkpoint):
+        raise FatalError('--output must not overwrite the --checkpoint')
+    _logger.info(f"Exporting the {what}")
+    state = {k: v.contiguous() for k, v in model.state_dict().items()}
+    results = {}
+    common = ['--data-dir', args.validate_data, '-b', str(args.batch_size), '-j', str(args.workers),
+              '--device', args.device]
+
+    def check(tmp):  # the file is published only if it validates like the student it came from
+        results['export'] = validate_main(common + ['--checkpoint', tmp], settings=settings)
+        if args.from_official:
+            return
+        results['run'] = validate_main(common + ['--checkpoint', args.checkpoint] + (['--use-ema'] * use_ema))
+        a, b = results['export']['top1'], results['run']['top1']
+        if abs(a - b) > TOP1_TOLERANCE:
+            raise ExportCheckError(f"the exported weights reach top-1 {a:.4f} but the student in '{args.checkpoint}' "
+                                   f"{b:.4f} on {args.validate_data} (more than {TOP1_TOLERANCE} points apart); "
+                                   f"'{output}' was not written")
+
+    _atomic_write(state, output, settings, check if args.validate_data else None)
+    kwargs = ''.join(f', {k}={v!r}' for k, v in settings.get('model_kwargs', {}).items())
+    _logger.info(f"Wrote '{output}' ({len(state)} tensors). Load it with timm.create_model('{name}', pretrained=True, "
+                 f"pretrained_cfg_overlay=dict(file='{output}', num_classes={num_classes}), "
+                 f"num_classes={num_classes}{kwargs})")
+    return dict(output=output, model=name, num_classes=num_classes, ema=use_ema, **results)
+
+
+def main(argv=None) -> int:
+    utils.setup_default_logging()
+    try:
+        export_main(argv)
+    except FatalError as e:
+        log_startup_error(_logger, e)
+        return e.exit_code
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())

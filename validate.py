@@ -1,0 +1,354 @@
+#!/usr/bin/env python3
+"""Validate a trained student, its EMA, an exported file or a teacher; flags keep timm's validate.py names.
+
+Model and preprocessing come, in this order, from the command line, a recipe (``--config``), the
+checkpoint (the ``args`` of a training checkpoint, the metadata of an exported ``.safetensors``)
+and the model's pretrained_cfg. Checkpoints are read weights-only; a pickle that needs other
+globals is refused. Bad input stops with one message and exit code 2.
+
+    python validate.py --data-dir DATA --checkpoint RUN/model_best.pth.tar --use-ema
+    python validate.py --data-dir DATA --config recipes/demo_fmnist.yaml --checkpoint student.safetensors
+    python validate.py --data-dir DATA --teacher scalekd_demo_vit --teacher-checkpoint TEACHER/last.pth.tar
+"""
+import argparse
+import csv
+import json
+import logging
+import os
+import pickle
+import sys
+import time
+from collections import OrderedDict
+from contextlib import suppress
+from functools import partial
+from typing import Any, Dict, Optional, Tuple
+
+import safetensors
+import safetensors.torch
+import torch
+import torch.nn as nn
+
+from timm import utils
+from timm.data import RealLabelsImagenet, create_dataset, create_loader, resolve_data_config
+from timm.models import clean_state_dict, create_model, get_pretrained_cfg_value, is_model, split_model_name_tag
+
+import models  # noqa: F401  registers the demo / paper student variants
+from config import RecipeError, coerce_value, read_recipe
+from distillers import TeacherLoadError, create_teacher
+from distillers.teacher import _describe_mismatch
+from runtime import FatalError, check_data_dir, log_startup_error
+
+_logger = logging.getLogger('validate')
+
+# what a recipe, a checkpoint's args or an export's metadata may set (argparse dest names of train_kd.py)
+SETTING_KEYS = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'gp', 'bn_eps', 'img_size', 'input_size',
+                'crop_pct', 'mean', 'std', 'interpolation')
+DATA_KEYS = ('img_size', 'input_size', 'in_chans', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
+
+
+def _parser() -> argparse.ArgumentParser:
+    p = argparse.ArgumentParser(description='Validate a ScaleKD student, exported file or teacher (timm-style)')
+    p.add_argument('-c', '--config', default='', metavar='FILE',
+                   help='recipe YAML of the run: model, model_kwargs, num_classes, sizes, mean/std are taken from it')
+    p.add_argument('--data-dir', metavar='DIR', help='path to dataset (root dir)')
+    p.add_argument('--dataset', default='', metavar='NAME', help='dataset type + name (default: ImageFolder)')
+    p.add_argument('--split', default='validation', metavar='NAME', help='dataset split (default: validation)')
+    p.add_argument('--class-map', default='', metavar='FILENAME', help='path to class to idx mapping file')
+    p.add_argument('--model', '-m', default=None, metavar='NAME', help='model name (default: from the checkpoint)')
+    p.add_argument('--model-kwargs', nargs='*', default=None, action=utils.ParseKwargs, help='extra model kwargs')
+    p.add_argument('--num-classes', type=int, default=None, help='number of classes (default: from the checkpoint)')
+    p.add_argument('--gp', default=None, metavar='POOL', help='global pool type (default: model default)')
+    p.add_argument('--checkpoint', default='', metavar='PATH',
+                   help='training checkpoint, exported .safetensors/.pth or plain timm checkpoint')
+    p.add_argument('--use-ema', action='store_true', default=False, help='use the EMA student (state_dict_ema)')
+    p.add_argument('--teacher', default='', metavar='NAME',
+                   help='evaluate this teacher instead (hub weights, or --teacher-checkpoint), normalised with its '
+                        'own pretrained_cfg mean/std')
+    p.add_argument('--teacher-checkpoint', default='', metavar='PATH', help='teacher weights from a local file')
+    p.add_argument('--teacher-kwargs', nargs='*', default=None, action=utils.ParseKwargs,
+                   help='extra teacher model kwargs')
+    p.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='data loading workers (default: 4)')
+    p.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='mini-batch size (default: 256)')
+    p.add_argument('--img-size', default=None, type=int, metavar='N', help='input image size')
+    p.add_argument('--input-size', default=None, nargs=3, type=int, metavar='N N N', help='input dims (d h w)')
+    p.add_argument('--in-chans', type=int, default=None, metavar='N', help='image input channels')
+    p.add_argument('--use-train-size', action='store_true', default=False,
+                   help="use the model's train input size even if a test size is set (always for a run's checkpoint)")
+    p.add_argument('--crop-pct', default=None, type=float, metavar='N', help='input image center crop pct')
+    p.add_argument('--crop-mode', default=None, type=str, metavar='N', help='input image crop mode')
+    p.add_argument('--mean', type=float, nargs='+', default=None, metavar='MEAN', help='override dataset mean')
+    p.add_argument('--std', type=float, nargs='+', default=None, metavar='STD', help='override dataset std')
+    p.add_argument('--interpolation', default=None, type=str, metavar='NAME', help='resize interpolation type')
+    p.add_argument('--log-freq', default=10, type=int, metavar='N', help='batch logging frequency (default: 10)')
+    p.add_argument('--no-prefetcher', action='store_true', default=False, help='disable fast prefetcher')
+    p.add_argument('--pin-mem', action='store_true', default=False, help='pin CPU memory in DataLoader')
+    p.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
+    p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='device (default: cuda)')
+    p.add_argument('--amp', action='store_true', default=False, help='use mixed precision (autocast)')
+    p.add_argument('--amp-dtype', default='float16', choices=('float16', 'bfloat16'), help='AMP dtype')
+    p.add_argument('--torchcompile', nargs='?', type=str, default=None, const='inductor',
+                   help='torch.compile the model with this backend')
+    p.add_argument('--real-labels', default='', metavar='FILENAME', help='ImageNet ReaL labels JSON file')
+    p.add_argument('--results-file', default='', metavar='FILENAME', help='write the results to this file')
+    p.add_argument('--results-format', default='csv', choices=('csv', 'json'), help='results file format')
+    return p
+
+
+def _short(e: Exception) -> str:
+    return f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}'
+
+
+def load_weights_only(path: str, what: str = '--checkpoint') -> Any:
+    """torch.load with weights_only=True (plus argparse.Namespace); one clear error for any bad file."""
+    if not os.path.isfile(path):
+        raise FatalError(f"{what} '{path}' does not exist")
+    try:
+        with torch.serialization.safe_globals([argparse.Namespace]):
+            return torch.load(path, map_location='cpu', weights_only=True)
+    except pickle.UnpicklingError:
+        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        raise FatalError(f"{what} '{path}' was refused: loading it would import {', '.join(unsafe) or 'code'}, "
+                         f"and a pickle that imports code can run it. Only weights-only checkpoints are read; "
+                         f"re-save its state_dict in a trusted environment (or use export.py)") from None
+    except Exception as e:
+        raise FatalError(f"{what} '{path}' cannot be read ({_short(e)}); it is truncated or not a PyTorch "
+                         f"checkpoint") from None
+
+
+def run_settings(ckpt_args: argparse.Namespace) -> Dict[str, Any]:
+    """The model / preprocessing settings of a training run, from the ``args`` in its checkpoint."""
+    return {k: v for k, v in vars(ckpt_args).items() if k in SETTING_KEYS and v not in (None, '', {}, [])}
+
+
+def read_checkpoint(path: str, use_ema: bool = False, what: str = '--checkpoint') -> Tuple[dict, dict, str]:
+    """Read weights safely. Returns (state_dict, settings of the run, which entry was used)."""
+    if path.endswith('.safetensors') and os.path.isfile(path):
+        try:
+            with safetensors.safe_open(path, 'pt') as f:
+                meta = f.metadata() or {}
+            return safetensors.torch.load_file(path), json.loads(meta.get('scalekd', '{}')), 'file'
+        except Exception as e:
+            raise FatalError(f"{what} '{path}' is not a readable safetensors file ({_short(e)}); "
+                             f"export it again with export.py") from None
+    ckpt = load_weights_only(path, what)
+    if not isinstance(ckpt, dict):
+        raise FatalError(f"{what} '{path}' holds a {type(ckpt).__name__}, not a state dict or checkpoint")
+    settings = run_settings(ckpt['args']) if isinstance(ckpt.get('args'), argparse.Namespace) else {}
+    key = next((k for k in (('state_dict_ema', 'model_ema') if use_ema else ()) + ('state_dict', 'model')
+                if isinstance(ckpt.get(k), dict)), '')
+    if use_ema and key not in ('state_dict_ema', 'model_ema'):
+        raise FatalError(f"{what} '{path}' has no EMA weights (state_dict_ema; the run had no --model-ema); "
+                         f"drop --use-ema")
+    state = ckpt[key] if key else ckpt
+    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
+        raise FatalError(f"{what} '{path}' holds no state dict of tensors (keys: {', '.join(list(ckpt)[:8])})")
+    if any(k.startswith('student.') for k in state):
+        raise FatalError(f"{what} '{path}' is a checkpoint of the official ScaleKD code (student.* keys); convert "
+                         f"it first: python export.py --from-official --model NAME --checkpoint {path} --output F")
+    return clean_state_dict(state), settings, key or 'file'
+
+
+def _recipe_settings(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
+    """The recipe's values for keys this script has a flag for; the others belong to training and are ignored."""
+    actions = {a.dest: a for a in parser._actions}
+    try:
+        recipe = read_recipe(path)
+        out = {}
+        for key, (where, value) in recipe.items():
+            if key in SETTING_KEYS or key == 'teacher_kwargs':
+                try:
+                    out[key] = coerce_value(value, actions[key])
+                except (TypeError, ValueError):
+                    raise RecipeError(f"recipe '{path}': key '{key}' in {where} has a wrong value {value!r}") from None
+        return out
+    except RecipeError as e:
+        raise FatalError(str(e)) from None
+
+
+def _infer_num_classes(model_name: str, state: dict) -> Optional[int]:
+    classifier = get_pretrained_cfg_value(model_name, 'classifier')
+    classifier = classifier[0] if isinstance(classifier, (tuple, list)) else classifier
+    weight = state.get(f'{classifier}.weight') if classifier else None
+    return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
+
+
+def load_strict(model: nn.Module, state: dict, path: str, desc: str) -> None:
+    own = model.state_dict()
+    missing = sorted(k for k in own if k not in state)
+    unexpected = sorted(k for k in state if k not in own)
+    shapes = sorted(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in own
+                    if k in state and state[k].shape != own[k].shape)
+    if missing or unexpected or shapes:
+        raise FatalError(f"checkpoint '{path}' does not fit {desc}: {_describe_mismatch(missing, unexpected, shapes)}."
+                         f" Pass the --model, --model-kwargs and --num-classes it was trained with (or --config)")
+    model.load_state_dict(state, strict=True)
+
+
+def _build_student(args, settings: Dict[str, Any]) -> Tuple[nn.Module, str, bool]:
+    state, weights = None, 'pretrained'
+    if args.checkpoint:
+        state, ck, weights = read_checkpoint(args.checkpoint, args.use_ema)
+        if args.model and ck.get('model') and ck['model'] != args.model:
+            _logger.warning(f"checkpoint was trained as {ck['model']}, evaluated as {args.model}; its settings unused")
+            ck = {}
+        settings = dict(ck, **settings)
+    for k, v in settings.items():  # below the command line and the recipe
+        if k == 'model_kwargs' and args.model_kwargs:
+            args.model_kwargs = dict(v, **args.model_kwargs)
+        elif getattr(args, k, None) in (None, {}):
+            setattr(args, k, v)
+    if not args.model:
+        raise FatalError('no model to validate: pass --model NAME (or --config RECIPE, or a training checkpoint)')
+    if not is_model(split_model_name_tag(args.model)[0]):
+        raise FatalError(f"unknown model '{args.model}'; use a timm model name")
+    if args.num_classes is None and state is not None:
+        args.num_classes = _infer_num_classes(args.model, state)
+    in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
+    model = create_model(args.model, pretrained=state is None, num_classes=args.num_classes, in_chans=in_chans,
+                         global_pool=args.gp, bn_eps=getattr(args, 'bn_eps', None), **(args.model_kwargs or {}))
+    if state is not None:
+        load_strict(model, state, args.checkpoint, f'--model {args.model} (num_classes={model.num_classes}, '
+                                                    f'model_kwargs={args.model_kwargs or {}})')
+    _logger.info(f"Model {args.model} created from '{args.checkpoint or 'pretrained weights'}' ({weights})")
+    return model, weights, bool(settings)
+
+
+def _build_teacher(args, settings: Dict[str, Any]) -> nn.Module:
+    if args.checkpoint:
+        raise FatalError('--checkpoint is for students; with --teacher pass --teacher-checkpoint PATH')
+    num_classes = args.num_classes or settings.get('num_classes')
+    if num_classes is None and args.teacher_checkpoint:
+        num_classes = _infer_num_classes(args.teacher, read_checkpoint(args.teacher_checkpoint,
+                                                                       what='--teacher-checkpoint')[0])
+    args.num_classes = num_classes or get_pretrained_cfg_value(args.teacher, 'num_classes') or 1000
+    kwargs = dict(settings.get('teacher_kwargs') or {}, **(args.teacher_kwargs or {}))
+    try:
+        return create_teacher(args.teacher, num_classes=args.num_classes, in_chans=args.in_chans or 3,
+                              checkpoint=args.teacher_checkpoint or None, **kwargs)
+    except TeacherLoadError as e:
+        raise FatalError(str(e)) from None
+    except Exception as e:  # hub weights unavailable (offline) or bad kwargs
+        raise FatalError(f"teacher '{args.teacher}' cannot be created ({_short(e)}); pass --teacher-checkpoint "
+                         f"PATH for local weights") from None
+
+
+def validate_main(argv=None, settings: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """Run a validation and return its results. ``settings`` stand in for a checkpoint's run settings."""
+    parser = _parser()
+    args = parser.parse_args(argv)
+    args.prefetcher = not args.no_prefetcher
+    recipe = _recipe_settings(args.config, parser) if args.config else {}
+    if args.teacher:  # the recipe's student settings (model, sizes, mean/std) do not describe the teacher
+        recipe = {k: v for k, v in recipe.items() if k in ('num_classes', 'teacher_kwargs')}
+    if not args.dataset:
+        check_data_dir(args.data_dir, (args.split,))
+    try:
+        dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map)
+    except Exception as e:  # no images, bad class map
+        raise FatalError(f"cannot read split '{args.split}' of '{args.data_dir}' ({_short(e)})") from None
+    data_classes = len(getattr(getattr(dataset, 'reader', None), 'class_to_idx', None) or {}) or None
+
+    for k, v in recipe.items():  # the command line wins over the recipe
+        if k != 'teacher_kwargs' and getattr(args, k) in (None, {}):
+            setattr(args, k, v)
+    if args.teacher:
+        model, name, weights = _build_teacher(args, recipe), args.teacher, args.teacher_checkpoint or 'pretrained'
+        from_run = False
+    else:
+        model, weights, from_run = _build_student(args, settings or {})
+        name = args.model
+    if data_classes and model.num_classes != data_classes and not args.real_labels:
+        raise FatalError(f"model {name} has {model.num_classes} classes but {args.data_dir}/{args.split} has "
+                         f"{data_classes} class folders; pass the matching --num-classes/--checkpoint or data")
+    param_count = sum(p.numel() for p in model.parameters())
+    _logger.info(f'Model {name}: {param_count / 1e6:.2f} M params')
+
+    # a run's checkpoint is validated as the run validated it (train size); others as timm does (test size)
+    data_config = resolve_data_config({k: getattr(args, k) for k in DATA_KEYS}, model=model,
+                                      use_test_size=not (args.use_train_size or from_run or recipe))
+    device = torch.device(args.device)
+    model = model.to(device).eval()
+    if args.channels_last:
+        model = model.to(memory_format=torch.channels_last)
+    if args.torchcompile:
+        model = torch.compile(model, backend=args.torchcompile)
+    loader = create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, use_prefetcher=args.prefetcher,
+        interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
+        num_workers=args.workers, crop_pct=data_config['crop_pct'], crop_mode=data_config['crop_mode'],
+        pin_memory=args.pin_mem, device=device)
+    real_labels = None
+    if args.real_labels:
+        try:
+            real_labels = RealLabelsImagenet(dataset.filenames(basename=True), real_json=args.real_labels)
+        except (AssertionError, OSError, ValueError) as e:
+            raise FatalError(f"--real-labels '{args.real_labels}' does not fit {args.data_dir}/{args.split} "
+                             f"({_short(e)}); it needs the 50,000-image ImageNet validation set") from None
+    amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
+    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else suppress
+
+    top1, top5, losses, batch_time = (utils.AverageMeter() for _ in range(4))
+    loss_fn = nn.CrossEntropyLoss()
+    start = end = time.time()
+    with torch.inference_mode():
+        for batch_idx, (input, target) in enumerate(loader):
+            if not args.prefetcher:
+                input, target = input.to(device), target.to(device)
+            if args.channels_last:
+                input = input.contiguous(memory_format=torch.channels_last)
+            with amp_autocast():
+                output = model(input)
+            output = (output[0] if isinstance(output, (tuple, list)) else output).float()
+            if real_labels is not None:
+                real_labels.add_result(output)
+            acc1, acc5 = utils.accuracy(output, target, topk=(1, min(5, output.shape[-1])))
+            n = input.shape[0]
+            losses.update(loss_fn(output, target).item(), n)
+            top1.update(acc1.item(), n)
+            top5.update(acc5.item(), n)
+            batch_time.update(time.time() - end)
+            end = time.time()
+            if batch_idx % args.log_freq == 0 or batch_idx == len(loader) - 1:
+                eta = time.strftime('%H:%M:%S', time.gmtime(batch_time.avg * (len(loader) - batch_idx - 1)))
+                _logger.info(f'Test: [{batch_idx:>4d}/{len(loader)}]  Time: {batch_time.val:.3f}s '
+                             f'({n / max(batch_time.val, 1e-9):>7.2f}/s)  Loss: {losses.avg:>7.4f}  '
+                             f'Acc@1: {top1.avg:>7.3f}  Acc@5: {top5.avg:>7.3f}  ETA {eta}')
+    elapsed = time.time() - start
+    t1, t5 = (real_labels.get_accuracy(k=1), real_labels.get_accuracy(k=5)) if real_labels else (top1.avg, top5.avg)
+    results = OrderedDict(
+        model=name, checkpoint=args.checkpoint or args.teacher_checkpoint, weights=weights,
+        top1=round(t1, 4), top1_err=round(100 - t1, 4), top5=round(t5, 4), top5_err=round(100 - t5, 4),
+        loss=round(losses.avg, 6), img_per_s=round(top1.count / max(elapsed, 1e-9), 2),
+        param_count=round(param_count / 1e6, 4), num_images=top1.count, img_size=data_config['input_size'][-1],
+        crop_pct=data_config['crop_pct'], interpolation=data_config['interpolation'])
+    _logger.info(f" * Acc@1 {results['top1']:.3f} ({results['top1_err']:.3f})  Acc@5 {results['top5']:.3f} "
+                 f"({results['top5_err']:.3f})  Loss {results['loss']:.4f}  {results['img_per_s']:.1f} img/s  "
+                 f"{results['param_count']:.2f} M params")
+    if args.results_file:
+        _write_results(args.results_file, results, args.results_format)
+    return results
+
+
+def _write_results(path: str, results: Dict[str, Any], fmt: str) -> None:
+    with open(path, 'w') as f:
+        if fmt == 'json':
+            json.dump(results, f, indent=4)
+        else:
+            writer = csv.DictWriter(f, fieldnames=list(results))
+            writer.writeheader()
+            writer.writerow(results)
+
+
+def main(argv=None) -> int:
+    utils.setup_default_logging()
+    try:
+        results = validate_main(argv)
+    except FatalError as e:
+        log_startup_error(_logger, e)
+        return e.exit_code
+    print(f'--result\n{json.dumps(results, indent=4)}')
+    return 0
+
+
+if __name__ == '__main__':
+    sys.exit(main())
