@@ -129,9 +129,9 @@ def _rng_from_tensors(saved):
     return state
 
 
-def capture_rng_state() -> Dict[str, Any]:
-    """This process's RNG state in the form a checkpoint stores (plain types + tensors)."""
-    return _rng_to_tensors(get_rng_state())
+def capture_rng_state(state: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
+    """``state`` (default: this process's RNG state now) in the form a checkpoint stores (plain types + tensors)."""
+    return _rng_to_tensors(state if state is not None else get_rng_state())
 
 
 def gather_rng_states(distributed: bool, state: Optional[Dict[str, Any]] = None) -> List[Dict[str, Any]]:
