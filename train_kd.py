@@ -39,8 +39,8 @@ from distillers import DISTILLERS, TeacherLoadError, build_task, create_teacher
 from distillers.base import TEACHER_MODES
 from runtime import (
     EXIT_PREEMPTED, FatalError, NonFiniteGuard, RunSaver, check_data_dir, check_output_dir, collective_timeout,
-    find_resume, gather_rng_states, guard_bad_images, install_signal_handlers, load_state_extras, log_startup_error,
-    set_rng_state, stop_requested,
+    capture_rng_state, find_resume, gather_rng_states, get_rng_state, guard_bad_images, install_signal_handlers,
+    load_state_extras, log_startup_error, set_rng_state, stop_requested,
 )
 
 _logger = logging.getLogger('train')
@@ -605,9 +605,9 @@ def train(args, args_text):
     if extras is not None and extras.get('batch_idx') is not None:
         # a mid-epoch (recovery) checkpoint: continue inside its epoch, at the next unseen batch
         start_epoch, resume_batch = extras['epoch'], extras['batch_idx'] + 1
-    if lr_scheduler is not None and start_epoch > 0:
-        if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch)
+    if lr_scheduler is not None and (start_epoch > 0 or resume_batch):
+        if args.sched_on_updates:  # a mid-epoch resume continues at the update after the checkpoint
+            lr_scheduler.step_update(start_epoch * updates_per_epoch + resume_batch // args.grad_accum_steps)
         else:
             lr_scheduler.step(start_epoch)
     if utils.is_primary(args):
@@ -641,7 +641,7 @@ def train(args, args_text):
 
             train_metrics = train_one_epoch(
                 epoch, loader_train, ctx, start_batch=resume_batch if epoch == start_epoch else 0,
-                rng_state=extras.get('rng') if (extras and epoch == start_epoch and resume_batch) else None)
+                resume_state=extras if (extras and epoch == start_epoch and resume_batch) else None)
             if train_metrics is None:  # stopped by a signal; a recovery checkpoint was written
                 exit_code = EXIT_PREEMPTED
                 break
@@ -745,8 +745,14 @@ class RunTimer:
         return fmt(left_in_epoch * self.meter.avg), fmt((self.total - self.done) * self.meter.avg)
 
 
-def train_one_epoch(epoch, loader, ctx, start_batch=0, rng_state=None):
-    """One epoch of updates. Returns the epoch's metrics, or None when a stop signal ended it early."""
+def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
+    """One epoch of updates. Returns the epoch's metrics, or None when a stop signal ended it early.
+
+    ``start_batch`` > 0 resumes inside the epoch from a recovery checkpoint's ``resume_state``: the
+    batches before it are drawn (same sampler order and augmentation RNG) but not trained, and the
+    RNG is put back to the saved states before each of the loader's next two fetches (timm's
+    prefetcher loads one batch ahead), so training continues bitwise as if never stopped.
+    """
     args, task, optimizer = ctx['args'], ctx['task'], ctx['optimizer']
     loss_scaler, amp_autocast, device = ctx['loss_scaler'], ctx['amp_autocast'], ctx['device']
     saver, writer, lr_scheduler, guard = ctx['saver'], ctx['writer'], ctx['lr_scheduler'], ctx['guard']
@@ -765,17 +771,24 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, rng_state=None):
 
     term_sums = OrderedDict()  # loss term -> (sum over samples) on this rank
     sample_count = 0
+    resume_state = resume_state or {}
+    if resume_state.get('epoch_sums'):  # the epoch's sums before the stop (all ranks) go to rank 0
+        saved = resume_state['epoch_sums']
+        term_sums = OrderedDict((k, v.to(device) if utils.is_primary(args) else torch.zeros_like(v, device=device))
+                                for k, v in saved['terms'].items())
+        sample_count = saved['count'] if utils.is_primary(args) else 0
+    rng_prev = None  # RNG state at the end of the previous batch (before the loader's next fetch)
     data_time_m, update_time_m = utils.AverageMeter(), utils.AverageMeter()
     images_per_s = utils.AverageMeter()
     optimizer.zero_grad()
     update_sample_count = 0
     data_start = update_start = time.time()
-    if start_batch >= num_batches and rng_state is not None:
-        set_rng_state(rng_state)
     for batch_idx, (input, target) in enumerate(loader):
         if batch_idx < start_batch:  # resumed mid-epoch: these batches were trained before the stop
-            if batch_idx == start_batch - 1 and rng_state is not None:
-                set_rng_state(rng_state)
+            if batch_idx == start_batch - 2 and resume_state.get('rng_prev') is not None:
+                set_rng_state(resume_state['rng_prev'])
+            elif batch_idx == start_batch - 1 and resume_state.get('rng') is not None:
+                set_rng_state(resume_state['rng'])
             data_start = update_start = time.time()
             continue
         last_batch = batch_idx == num_batches - 1
@@ -823,6 +836,7 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, rng_state=None):
         sample_count += bs
         update_sample_count += bs
         if not need_update:
+            rng_prev = get_rng_state()
             data_start = time.time()
             continue
 
@@ -863,9 +877,11 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, rng_state=None):
         stop = stop_requested(args.distributed, device)
         if stop or (args.recovery_interval and num_updates % args.recovery_interval == 0 and not last_batch):
             rng = gather_rng_states(args.distributed)
+            rng_prev_all = gather_rng_states(args.distributed, capture_rng_state(rng_prev) if rng_prev else None)
+            epoch_sums = _reduce_sums(term_sums, sample_count, args)
             if saver is not None:
                 saver.rng_states = rng
-                saver.extra_state['nonfinite_skipped'] = guard.skipped
+                saver.extra_state.update(nonfinite_skipped=guard.skipped, rng_prev=rng_prev_all, epoch_sums=epoch_sums)
                 saver.save_recovery(epoch, batch_idx=batch_idx)
             if stop:
                 if utils.is_primary(args):
@@ -875,6 +891,7 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, rng_state=None):
 
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates, metric=None)
+        rng_prev = get_rng_state()
         data_start = time.time()
 
     if hasattr(optimizer, 'sync_lookahead'):
@@ -884,6 +901,16 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, rng_state=None):
     metrics['data_time'] = data_time_m.avg
     metrics['nonfinite_skipped'] = guard.skipped
     return metrics
+
+
+def _reduce_sums(term_sums, count, args):
+    """Sums of each loss term and the sample count over all ranks (for a recovery checkpoint)."""
+    keys = list(term_sums)
+    t = torch.stack([term_sums[k].float() for k in keys] + [torch.tensor(float(count), device=args.device)])
+    if args.distributed:
+        dist.all_reduce(t)
+    t = t.cpu()
+    return {'terms': OrderedDict((k, t[i].clone()) for i, k in enumerate(keys)), 'count': int(t[-1].item())}
 
 
 def _reduce_terms(term_sums, count, args):
