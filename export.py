@@ -26,7 +26,7 @@ from timm.models.resnet import ResNet
 
 import models  # noqa: F401  registers the demo / paper student variants
 from runtime import FatalError, log_startup_error
-from validate import load_strict, load_weights_only, run_settings, validate_main
+from validate import _short, load_strict, load_weights_only, run_settings, validate_main
 
 _logger = logging.getLogger('export')
 TOP1_TOLERANCE = 0.01  # points
@@ -61,7 +61,8 @@ def official_to_timm(state: dict, model: nn.Module) -> dict:
     if isinstance(model.conv1, nn.Sequential):  # deep stem (resnet*d): mmcls stem.j = ConvModule(conv, bn)
         convs = [f'conv1.{i}' for i, m in enumerate(model.conv1) if isinstance(m, nn.Conv2d)]
         norms = [f'conv1.{i}' for i, m in enumerate(model.conv1) if isinstance(m, nn.BatchNorm2d)] + ['bn1']
-        stem = {**{f'stem.{j}.conv': c for j, c in enumerate(convs)}, **{f'stem.{j}.bn': n for j, n in enumerate(norms)}}
+        stem = {f'stem.{j}.conv': c for j, c in enumerate(convs)}
+        stem.update({f'stem.{j}.bn': n for j, n in enumerate(norms)})
     out = {}
     for key, value in state.items():
         if key.startswith('head.fc.'):
@@ -94,6 +95,13 @@ def _official_student(ckpt, args):
     return official_to_timm(student, model), settings, model
 
 
+def _create_kwargs(settings: dict) -> dict:
+    """timm.create_model kwargs of the run's student (as train_kd.py built it, minus train-only settings)."""
+    kw = dict(num_classes=settings.get('num_classes'), in_chans=settings.get('in_chans'),
+              global_pool=settings.get('gp'), bn_eps=settings.get('bn_eps'), **settings.get('model_kwargs', {}))
+    return {k: v for k, v in kw.items() if v is not None}
+
+
 def _atomic_write(state: dict, path: str, settings: dict, check=None) -> None:
     """Temp file in the target folder, fsync, re-read and compare (and ``check``), then rename over ``path``."""
     folder, base = os.path.split(os.path.abspath(path))
@@ -118,8 +126,10 @@ def _atomic_write(state: dict, path: str, settings: dict, check=None) -> None:
         fd = os.open(folder, os.O_RDONLY)
         os.fsync(fd)
         os.close(fd)
-    except OSError as e:
-        raise FatalError(f"could not write '{path}' ({e.strerror}); pass --output on a writable disk") from None
+    except FatalError:
+        raise
+    except (OSError, RuntimeError, ValueError) as e:  # disk full, read-only folder, tensors safetensors refuses
+        raise FatalError(f"could not write '{path}' ({_short(e)}); pass --output on a writable disk") from None
     finally:
         if os.path.exists(tmp):
             os.remove(tmp)
@@ -133,7 +143,7 @@ def export_main(argv=None) -> dict:
         use_ema, what = False, 'student of the official ScaleKD checkpoint'
     else:
         if not (isinstance(ckpt, dict) and isinstance(ckpt.get('args'), argparse.Namespace)
-                and isinstance(ckpt.get('state_dict'), dict)):
+                and isinstance(ckpt.get('state_dict'), dict) and getattr(ckpt['args'], 'model', '')):
             raise FatalError(f"'{args.checkpoint}' is not a checkpoint of a train_kd.py run (no student state_dict "
                              f"and run args); pass RUN/model_best.pth.tar, or --from-official --model NAME for the "
                              f"official ScaleKD code")
@@ -143,14 +153,13 @@ def export_main(argv=None) -> dict:
             raise FatalError(f"'{args.checkpoint}' has no EMA student (run without --model-ema); pass --no-use-ema")
         key = 'state_dict_ema' if use_ema else 'state_dict'
         state, settings = clean_state_dict(ckpt[key]), run_settings(ckpt['args'])
+        dropped = ', '.join(sorted(k for k in ckpt if k != key))
         what = f"{'EMA student (state_dict_ema)' if use_ema else 'student (state_dict)'} of the " \
-               f"{getattr(ckpt['args'], 'distiller', '?')} run; dropped {', '.join(sorted(k for k in ckpt if k != key))}"
-        model = create_model(settings['model'], num_classes=settings.get('num_classes'), in_chans=settings.get(
-            'in_chans') or 3, global_pool=settings.get('gp'), bn_eps=settings.get('bn_eps'),
-            **settings.get('model_kwargs', {}))
+               f"{getattr(ckpt['args'], 'distiller', '?')} run; dropped {dropped}"
+        model = create_model(settings['model'], **_create_kwargs(settings))
     name, num_classes = settings['model'], model.num_classes
-    load_strict(model, state, args.checkpoint, f"timm.create_model('{name}', num_classes={num_classes}, "
-                                               f"**{settings.get('model_kwargs', {})})")
+    create_args = ''.join(f', {k}={v!r}' for k, v in _create_kwargs(settings).items() if k != 'num_classes')
+    load_strict(model, state, args.checkpoint, f"timm.create_model('{name}', num_classes={num_classes}{create_args})")
     output = args.output or os.path.join(os.path.dirname(args.checkpoint), f"{name}{'-ema' if use_ema else ''}"
                                                                              f".safetensors")
     if not output.endswith(('.safetensors', '.pth', '.pt', '.bin')):
@@ -175,10 +184,9 @@ def export_main(argv=None) -> dict:
                                    f"'{output}' was not written")
 
     _atomic_write(state, output, settings, check if args.validate_data else None)
-    kwargs = ''.join(f', {k}={v!r}' for k, v in settings.get('model_kwargs', {}).items())
     _logger.info(f"Wrote '{output}' ({len(state)} tensors). Load it with timm.create_model('{name}', pretrained=True, "
                  f"pretrained_cfg_overlay=dict(file='{output}', num_classes={num_classes}), "
-                 f"num_classes={num_classes}{kwargs})")
+                 f"num_classes={num_classes}{create_args})")
     return dict(output=output, model=name, num_classes=num_classes, ema=use_ema, **results)
 
 

@@ -218,7 +218,8 @@ def test_export_from_official_checkpoint(tmp_path, norm):
             m.running_mean.uniform_(-0.5, 0.5)
             m.running_var.uniform_(0.5, 2.0)
     state = {f'student.{_to_mmcls(k, norm)}': v for k, v in src.state_dict().items()}
-    state.update({'teacher.backbone.patch_embed.proj.weight': torch.zeros(2), 'distill_losses.loss_s4.w': torch.ones(1)})
+    state.update({'teacher.backbone.patch_embed.proj.weight': torch.zeros(2),
+                  'distill_losses.loss_s4.w': torch.ones(1)})
     path = tmp_path / 'official.pth'
     torch.save({'meta': {'epoch': 300}, 'state_dict': state, 'optimizer': {}}, path)
     out = str(tmp_path / 'r.safetensors')
