@@ -109,11 +109,13 @@ class ScaleKDTask(DistillTask):
         self.tail = TeacherTail(self.teacher.model, teacher_size, num_blocks=tail_blocks)
         taps = resolve_student_taps(student, student_s3, student_s4)
 
-        # student feature shapes from one dry pass (no table of shapes per architecture)
+        # student feature shapes from one dry pass (no table of shapes per architecture), on the
+        # student's own device: the task may be moved to the training device only after it is built
         was_training = student.training
+        student_device = next(student.parameters()).device
         student.eval()
         with torch.no_grad():
-            _, s3, s4 = forward_student(student, torch.zeros(1, 3, *img_size, device=self.device), taps)
+            _, s3, s4 = forward_student(student, torch.zeros(1, 3, *img_size, device=student_device), taps)
         student.train(was_training)
 
         caps = nn.ModuleDict()
@@ -127,7 +129,7 @@ class ScaleKDTask(DistillTask):
                 caps[f's4_{v}'] = CrossAttentionProjector(
                     s4.shape[1], self.tail.out_chs, s4.shape[-2:], self.tail.out_grid, num_heads=heads_s4,
                     softmax_scale=softmax_scale[1], learned_query=False, norm=cap_norm)
-        caps.to(self.device)
+        caps.to(student_device)
         self.trainable_module = ScaleKDModule(student, caps, taps, self.tail)
         self.loss_weights = {'loss_cls': 1.0 - kd_weight, 'loss_kd': kd_weight}
         for stage in ('s3', 's4'):
