@@ -52,7 +52,7 @@ def main(argv=None):
     p.add_argument('--src', default='/usr/share/datasets/fashion-mnist')
     p.add_argument('--quick', action='store_true', help='1 seed, tiny subsets, 1-2 epochs (CI)')
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
-    p.add_argument('--teacher-epochs', type=int, default=3)
+    p.add_argument('--teacher-epochs', type=int, default=6)
     p.add_argument('--student-epochs', type=int, default=15)
     p.add_argument('--train-per-class', type=int, default=100, help='student training images per class')
     p.add_argument('--teacher-per-class', type=int, default=None, help='teacher training images per class (all)')

@@ -1,6 +1,6 @@
 """Small models for the CPU demo and the small reproduction (32 px, 10 classes).
 
-``scalekd_demo_vit``: a 6-block ViT on 8x8 patches (4x4 tokens), no class token, average pooling
+``scalekd_demo_vit``: a 4-block, 96-wide ViT on 4x4 patches (8x8 tokens), no class token, average pooling
 over final-normed tokens (the paper's ViT head), used as the teacher. ``scalekd_demo_resnet`` and
 ``scalekd_demo_mixer`` are small students of two other families.
 """
@@ -24,7 +24,7 @@ default_cfgs = generate_default_cfgs({
 
 @register_model
 def scalekd_demo_vit(pretrained=False, **kwargs):
-    args = dict(img_size=32, patch_size=8, embed_dim=192, depth=6, num_heads=3, class_token=False,
+    args = dict(img_size=32, patch_size=4, embed_dim=96, depth=4, num_heads=3, class_token=False,
                 global_pool='avg', fc_norm=False, num_classes=10)
     return _create_vision_transformer('scalekd_demo_vit', pretrained=pretrained, **dict(args, **kwargs))
 
