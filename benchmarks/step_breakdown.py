@@ -113,6 +113,9 @@ def _bench_parser():
     parser.add_argument('--json', default='', metavar='PATH', help='write the results as JSON here')
     parser.add_argument('--no-reference', action='store_true', help='skip the reference step')
     parser.add_argument('--threads', type=int, default=None, help='torch.set_num_threads (CPU)')
+    parser.add_argument('--no-heap-cache', action='store_true',
+                        help='CPU: keep glibc returning large freed blocks to the OS (default: keep them, so that '
+                             'page faults of fresh allocations do not depend on which part ran before)')
     parser.add_argument('--synthetic-size', type=int, default=None,
                         help='side of the synthetic source images (default: image size / 0.875)')
     return parser
@@ -159,6 +162,27 @@ def count_flops(fn) -> int:
     with FlopCounterMode(display=False, custom_mapping=mapping) as counter:
         fn()
     return counter.get_total_flops()
+
+
+def keep_heap_memory() -> bool:
+    """Ask glibc to serve every CPU allocation from a heap it never trims (mallopt via ctypes).
+
+    By default glibc maps large blocks (over a dynamic threshold of up to 32 MB) fresh on every allocation
+    and unmaps them on free, so a part pays page faults for memory the part before it did not leave
+    behind. That makes CPU times depend on the order of the parts; on a GPU the caching allocator keeps
+    memory. Returns whether glibc accepted the settings.
+    """
+    import ctypes
+    import ctypes.util
+    name = ctypes.util.find_library('c')
+    if not name:
+        return False
+    try:
+        libc = ctypes.CDLL(name)
+        m_trim_threshold, m_mmap_max = -1, -4
+        return bool(libc.mallopt(m_mmap_max, 0)) and bool(libc.mallopt(m_trim_threshold, 2 ** 31 - 1))
+    except (OSError, AttributeError):
+        return False
 
 
 def _peak_mem_mb(device):
@@ -375,6 +399,9 @@ def check_reference(task, x, y):
 def run_benchmark(bench, args):
     if bench.threads:
         torch.set_num_threads(bench.threads)
+    heap_cache = False
+    if torch.device(args.device).type == 'cpu' and not bench.no_heap_cache:
+        heap_cache = keep_heap_memory()
     ctx = build(args, bench)
     device, task = ctx['device'], ctx['task']
     amp = partial(torch.autocast, device_type=device.type, dtype=torch.bfloat16) if args.amp else nullcontext
@@ -441,7 +468,7 @@ def run_benchmark(bench, args):
         data='ImageFolder ' + args.data_dir if args.data_dir else 'synthetic in-memory images',
         peak_memory_kind='torch.cuda.max_memory_allocated during the part' if device.type == 'cuda'
         else 'process ru_maxrss high-water mark (cumulative)',
-        reference_dtype='float32', reference_max_rel_loss_diff=ref_diff,
+        cpu_heap_cache=heap_cache, reference_dtype='float32', reference_max_rel_loss_diff=ref_diff,
         parts=rows,
         sum_of_parts_ms=ms['sum_of_parts'],
         ratio_step_to_sum_of_parts=step_ms / ms['sum_of_parts'],
@@ -474,7 +501,7 @@ def format_table(r):
     lines = [f"ScaleKD step breakdown: {r['teacher']} -> {r['model']} @ {r['img_size'][0]}x{r['img_size'][1]}, "
              f"batch {r['batch_size']}, {r['device']} ({r['device_name']}), "
              f"{'bf16 autocast' if r['amp'] else 'fp32'}{', channels-last' if r['channels_last'] else ''}, "
-             f"{r['threads']} threads, median of {r['steps']}",
+             f"{r['threads']} threads{', glibc heap kept' if r['cpu_heap_cache'] else ''}, median of {r['steps']}",
              f"{'part':<18} {'ms':>9} {'share':>6} {'GFLOP':>8} {'GFLOP/s':>9} {'img/s':>8} {mem_head:>9}  what",
              '-' * 110]
     for name, row in r['parts'].items():

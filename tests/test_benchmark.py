@@ -94,7 +94,7 @@ def test_step_breakdown_end_to_end(tmp_path):
     t0 = time.time()
     rc = step_breakdown.main([
         '--model', 'scalekd_demo_resnet', '--teacher', 'scalekd_demo_vit', '--img-size', '32', '--num-classes', '10',
-        '-b', '4', '--device', 'cpu', '-j', '0', '--steps', '2', '--warmup', '1', '--threads', '1',
+        '-b', '4', '--device', 'cpu', '-j', '0', '--steps', '2', '--warmup', '1', '--threads', '1', '--no-heap-cache',
         '--json', str(path)])
     assert rc == 0
     assert time.time() - t0 < 60
