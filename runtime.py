@@ -18,6 +18,7 @@ import random
 import re
 import shutil
 import signal
+import time
 from contextlib import contextmanager
 from datetime import timedelta
 from typing import Any, Dict, List, Optional
@@ -53,7 +54,7 @@ def log_startup_error(logger, e: Exception) -> None:
     msg = str(e)
     if 'Original Traceback' in msg:  # raised in a DataLoader worker: keep the message, drop the traceback
         msg = msg.rstrip().splitlines()[-1].split('FatalError: ', 1)[-1]
-    logger.error(f'ERROR: {msg}')
+    logger.error(msg)  # timm's console formatter prints it as 'ERROR: <msg>'
 
 
 # --- input checks ------------------------------------------------------------------------------
@@ -166,6 +167,23 @@ def collective_timeout(seconds: Optional[float]):
         yield
     finally:
         dist.init_process_group = original
+
+
+_PEER_FAILURE = ('Timed out', 'timed out', 'Connection closed by peer', 'Connection reset by peer',
+                 'Broken pipe', 'NCCL communicator was aborted', 'ProcessGroupNCCL')
+
+
+def collective_failure_message(e: BaseException, rank: int, timeout: Optional[float]) -> Optional[str]:
+    """One clear line for a collective that failed because another rank died or hung, else None."""
+    backend_error = getattr(dist, 'DistBackendError', ())
+    text = str(e)
+    if not (isinstance(e, backend_error) or (isinstance(e, RuntimeError) and any(s in text for s in _PEER_FAILURE))):
+        return None
+    detail = text.strip().splitlines()[0] if text.strip() else type(e).__name__
+    detail = re.sub(r'^\[[^\]]*\]\s*', '', detail)[:200]  # drop the "[.../pair.cc:561]" source prefix
+    return (f'rank {rank}: a collective failed because another rank died or stopped responding ({detail}; '
+            f'--dist-timeout {timeout:g}s). The first failing rank\'s log has the cause; after fixing it, '
+            f'restart the launch with --resume auto')
 
 
 # --- checkpoints -----------------------------------------------------------------------------------
@@ -421,20 +439,38 @@ def load_state_extras(path: str, args, force: bool = False) -> Dict[str, Any]:
 
 
 # --- signals -------------------------------------------------------------------------------------------
-_STOP = {'signal': None}
+_STOP = {'signal': None, 'time': 0.0}
+# one stop often arrives twice: Ctrl-C reaches the workers from the terminal and again from torchrun,
+# scancel signals every process of the job and torchrun forwards it too
+_REPEAT_WINDOW_S = 2.0
 
 
 def _handler(signum, frame):
-    if _STOP['signal'] is not None and signum == signal.SIGINT:
-        raise KeyboardInterrupt  # a second Ctrl-C stops at once
-    _STOP['signal'] = signum
+    now = time.monotonic()
+    if _STOP['signal'] is not None:
+        if signum == signal.SIGINT and now - _STOP['time'] > _REPEAT_WINDOW_S:
+            raise KeyboardInterrupt  # a second, later Ctrl-C stops at once (no recovery checkpoint)
+        return
+    _STOP['signal'], _STOP['time'] = signum, now
     _logger.warning(f'Received {signal.Signals(signum).name}: finishing this step, then saving a recovery '
-                    f'checkpoint and exiting with code {EXIT_PREEMPTED}')
+                    f'checkpoint and exiting with code {EXIT_PREEMPTED} (Ctrl-C again to stop at once)')
 
 
-def install_signal_handlers() -> None:
-    for sig in (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT):
-        signal.signal(sig, _handler)
+def install_signal_handlers():
+    """Catch SIGTERM / SIGUSR1 / SIGINT for a graceful stop; returns a function restoring the old handlers."""
+    _STOP.update(signal=None, time=0.0)
+    sigs = (signal.SIGTERM, signal.SIGUSR1, signal.SIGINT)
+    previous = {sig: signal.signal(sig, _handler) for sig in sigs}
+
+    def restore():
+        for sig, handler in previous.items():
+            signal.signal(sig, handler if handler is not None else signal.SIG_DFL)
+    return restore
+
+
+def stop_signal() -> Optional[int]:
+    """The stop signal received since install_signal_handlers(), if any."""
+    return _STOP['signal']
 
 
 def stop_requested(distributed: bool, device) -> bool:
