@@ -38,7 +38,8 @@ from config import parse_args_with_recipe
 from distillers import DISTILLERS, TeacherLoadError, build_task, create_teacher
 from distillers.base import TEACHER_MODES
 from runtime import (
-    EXIT_PREEMPTED, FatalError, NonFiniteGuard, RunSaver, check_data_dir, check_output_dir, collective_timeout,
+    EXIT_FATAL, EXIT_PREEMPTED, FatalError, NonFiniteGuard, RunSaver, check_data_dir, check_output_dir,
+    collective_failure_message, collective_timeout,
     capture_rng_state, find_resume, gather_rng_states, get_rng_state, guard_bad_images, install_signal_handlers,
     load_state_extras, log_startup_error, set_rng_state, stop_requested,
 )
@@ -374,6 +375,12 @@ def main(argv=None):
     except FatalError as e:
         log_startup_error(_logger, e)
         return e.exit_code
+    except RuntimeError as e:  # a collective broken by a dead or hung rank: one line instead of a traceback
+        msg = collective_failure_message(e, args.rank, args.dist_timeout) if getattr(args, 'distributed', 0) else None
+        if msg is None:
+            raise
+        _logger.error(msg)
+        return EXIT_FATAL
 
 
 def train(args, args_text):
@@ -395,6 +402,8 @@ def train(args, args_text):
     if args.aug_repeats and not args.distributed:
         raise FatalError(f'--aug-repeats {args.aug_repeats:g} needs distributed training (timm\'s RepeatAugSampler); '
                          f'launch with ./distributed_train.sh N ... or drop --aug-repeats')
+    if args.sync_bn and args.distributed and device.type == 'cpu':
+        raise FatalError('--sync-bn needs GPUs (torch SyncBatchNorm does not run on CPU); drop --sync-bn for CPU runs')
 
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     use_amp = args.amp
@@ -529,8 +538,9 @@ def train(args, args_text):
 
     # setup distributed training: DDP wraps the trainable module only, never the teacher
     if args.distributed:
+        # buffers are broadcast by default; only the opt-out is passed (torch deprecates the flag itself)
         task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
-                                 broadcast_buffers=not args.no_ddp_bb)
+                                 **(dict(broadcast_buffers=False) if args.no_ddp_bb else {}))
 
     # loaders and mixup
     collate_fn = None
@@ -619,7 +629,7 @@ def train(args, args_text):
     if args.teacher_min_top1 is not None:
         _check_teacher(args, task, loader_eval, amp_autocast, device)
 
-    install_signal_handlers()
+    restore_signal_handlers = install_signal_handlers()
     best_metric, best_epoch = None, None
     run_timer = RunTimer(start_epoch * updates_per_epoch + resume_batch // args.grad_accum_steps,
                          num_epochs * updates_per_epoch)
@@ -678,6 +688,7 @@ def train(args, args_text):
     except KeyboardInterrupt:
         exit_code = EXIT_PREEMPTED
     finally:
+        restore_signal_handlers()
         if writer is not None:
             writer.close()
         if args.distributed and dist.is_initialized():
