@@ -275,3 +275,64 @@ def test_sigterm_to_the_launcher_saves_and_resume_continues_at_the_next_batch(se
     assert trained and int(trained[0]) == batch + 1 and int(trained[-1]) == 7, trained
     assert _losses(run)[0][0] == 0 and len(_losses(run)) == 1
     assert not [f for f in os.listdir(run) if f.startswith('recovery')]  # superseded by the epoch checkpoint
+
+
+# --- tools/slurm_train.sh against stand-ins for srun / scontrol / python ----------------------------------
+def _fake_slurm(tmp_path, srun_body):
+    bin_dir = tmp_path / 'bin'
+    bin_dir.mkdir()
+    log = tmp_path / 'log'
+    log.mkdir()
+    (bin_dir / 'scontrol').write_text(f"""#!/usr/bin/env bash
+case "$1" in
+  show) printf 'node-a\\nnode-b\\n' ;;
+  requeue) echo "$2" >> {log}/requeue ;;
+esac
+""")
+    (bin_dir / 'srun').write_text(f"""#!/usr/bin/env bash
+while [[ "$1" == --* ]]; do shift; done
+{srun_body}
+""")
+    (bin_dir / 'python').write_text(f"""#!/usr/bin/env bash
+echo "$*" > {log}/node$NODE_RANK
+""")
+    for f in bin_dir.iterdir():
+        f.chmod(0o755)
+    env = _env(PATH=f"{bin_dir}:{os.environ['PATH']}", PYTHON=bin_dir / 'python', SLURM_JOB_NODELIST='node-[a-b]',
+               SLURM_NNODES=2, SLURM_JOB_ID=123, SLURM_SUBMIT_DIR=ROOT, GPUS_PER_NODE=8)
+    return env, log
+
+
+def test_slurm_script_maps_slurm_variables_onto_torchrun(tmp_path):
+    # srun stand-in: run the task once per node, as SLURM would on each node
+    env, log = _fake_slurm(tmp_path, 'for n in $(seq 0 $((SLURM_NNODES - 1))); do SLURM_NODEID=$n "$@" || exit; done')
+    rc = subprocess.call(['bash', 'tools/slurm_train.sh', '--config', 'r.yaml', '--experiment', 'e'], cwd=ROOT,
+                         env=env, stdout=subprocess.DEVNULL)
+    assert rc == 0
+    for node in (0, 1):
+        cmd = (log / f'node{node}').read_text().split()
+        assert cmd[:2] == ['-m', 'torch.distributed.run']
+        opts = dict(zip(cmd[2::1], cmd[3::1]))
+        assert opts['--nnodes'] == '2' and opts['--nproc-per-node'] == '8' and opts['--node-rank'] == str(node)
+        assert opts['--master-addr'] == 'node-a' and opts['--master-port'] == '29500'
+        assert 'SIGUSR1' in opts['--signals-to-handle']
+        script = cmd.index(os.path.join(ROOT, 'train_kd.py'))
+        assert cmd[script + 1:] == ['--config', 'r.yaml', '--experiment', 'e', '--resume', 'auto']
+    assert not (log / 'requeue').exists()
+
+
+def test_slurm_script_forwards_the_time_limit_signal_and_requeues(tmp_path):
+    # srun stand-in: runs until SIGTERM, then exits 1 as torchrun does after a signal
+    env, log = _fake_slurm(tmp_path, f'trap "echo TERM > {tmp_path}/log/srun_got; exit 1" TERM\n'
+                                     f'touch {tmp_path}/log/started\nwhile :; do sleep 0.1; done')
+    proc = subprocess.Popen(['bash', 'tools/slurm_train.sh', '--experiment', 'e'], cwd=ROOT, env=env,
+                            stdout=subprocess.PIPE, text=True)
+    t0 = time.time()
+    while not (log / 'started').exists() and time.time() - t0 < 20:
+        time.sleep(0.1)
+    proc.send_signal(signal.SIGUSR1)  # what --signal=B:USR1@300 delivers
+    out, _ = proc.communicate(timeout=30)
+    assert proc.returncode == 0, out
+    assert (log / 'srun_got').read_text().strip() == 'TERM'
+    assert (log / 'requeue').read_text().split() == ['123']
+    assert 'requeueing job 123' in out
