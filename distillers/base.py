@@ -59,6 +59,9 @@ class DistillTask(TrainingTask):
         std = std if std is not None else cfg.get('std', (0.229, 0.224, 0.225))
         self.register_buffer('student_mean', torch.tensor(mean, device=self.device).view(1, -1, 1, 1), persistent=False)
         self.register_buffer('student_std', torch.tensor(std, device=self.device).view(1, -1, 1, 1), persistent=False)
+        # decided once here: comparing the buffers in every step would sync the host with the device
+        self.renormalize = not (torch.allclose(self.student_mean.cpu(), teacher.mean_kd.cpu().float())
+                                and torch.allclose(self.student_std.cpu(), teacher.std_kd.cpu().float()))
 
     def train(self, mode: bool = True) -> 'DistillTask':
         super().train(mode)
@@ -67,7 +70,8 @@ class DistillTask(TrainingTask):
 
     def teacher_input(self, x: torch.Tensor) -> torch.Tensor:
         """The student's (augmented, mixed) batch as the teacher expects it."""
-        x = self.teacher.normalize_input(x, self.student_mean.to(x.dtype), self.student_std.to(x.dtype))
+        if self.renormalize:
+            x = (x * self.student_std + self.student_mean - self.teacher.mean_kd) / self.teacher.std_kd
         if self.teacher_img_size is not None and tuple(x.shape[-2:]) != self.teacher_img_size:
             x = F.interpolate(x, size=self.teacher_img_size, mode='bicubic', align_corners=False)
         return x
