@@ -673,7 +673,12 @@ def train(args, args_text):
 
             if utils.is_primary(args):
                 lrs = [pg['lr'] for pg in optimizer.param_groups]
-                utils.update_summary(epoch, train_metrics, eval_metrics, os.path.join(output_dir, 'summary.csv'),
+                row_eval = eval_metrics
+                if eval_metrics is None and loader_eval is not None:  # not validated this epoch: same columns, empty
+                    ema_cols = task.has_ema() and not args.model_ema_force_cpu
+                    row_eval = OrderedDict((k, '') for k in ('loss', 'top1', 'top5') + (
+                        ('ema_loss', 'ema_top1', 'ema_top5') if ema_cols else ()))
+                utils.update_summary(epoch, train_metrics, row_eval, os.path.join(output_dir, 'summary.csv'),
                                      lr=sum(lrs) / len(lrs), write_header=epoch == start_epoch and
                                      not os.path.exists(os.path.join(output_dir, 'summary.csv')))
                 for k, v in (eval_metrics or {}).items():

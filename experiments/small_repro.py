@@ -103,7 +103,8 @@ def main(argv=None):
                     t = time.time()
                     sh([py, 'train_kd.py', '--config', 'recipes/demo_fmnist.yaml', '--model', student,
                         '--distiller', method, '--data-dir', data['student'], '--experiment', exp, '--seed', str(seed),
-                        '--epochs', str(args.student_epochs)] + extra + common, os.path.join(out, f'{exp}.log'))
+                        '--epochs', str(args.student_epochs), '--val-interval', '1'] + extra + common,
+                       os.path.join(out, f'{exp}.log'))
                     print(f'{exp}: {time.time() - t:.0f} s', flush=True)
                 results.setdefault(student, {}).setdefault(method, {})[seed] = read_summary(run_dir)
 
@@ -119,7 +120,7 @@ def main(argv=None):
     for student, by_method in results.items():
         summary['students'][student] = {}
         for method, by_seed in by_method.items():
-            top1 = [rows[-1]['eval_top1'] for _, rows in sorted(by_seed.items())]
+            top1 = [[r['eval_top1'] for r in rows if 'eval_top1' in r][-1] for _, rows in sorted(by_seed.items())]
             m, s = mean_std(top1)
             summary['students'][student][method] = {'top1': top1, 'mean': m, 'std': s}
     summary['wall_seconds'] = time.time() - start
@@ -143,9 +144,9 @@ def _plots(results, out):
     for ax, student in zip(axes[0], students):
         for method in METHODS:
             runs = list(results[student][method].values())
-            epochs = [r['epoch'] for r in runs[0]]
-            mean = [statistics.mean(r[i]['eval_top1'] for r in runs) for i in range(len(epochs))]
-            ax.plot(epochs, mean, marker='o', label=method)
+            idx = [i for i, row in enumerate(runs[0]) if 'eval_top1' in row]
+            mean = [statistics.mean(r[i]['eval_top1'] for r in runs) for i in idx]
+            ax.plot([runs[0][i]['epoch'] for i in idx], mean, marker='o', label=method)
         ax.set_title(f'{student}: validation top-1 (mean over seeds)')
         ax.set_xlabel('epoch')
         ax.set_ylabel('top-1 (%)')

@@ -32,7 +32,8 @@ def run(cmd, log):
 def best_top1(run_dir):
     with open(os.path.join(run_dir, 'summary.csv')) as f:
         rows = list(csv.DictReader(f))
-    return float(rows[-1]['eval_top1']), max(float(r['eval_top1']) for r in rows)
+    top1 = [float(r['eval_top1']) for r in rows if r.get('eval_top1')]  # empty where not validated
+    return top1[-1], max(top1)
 
 
 def main(argv=None):
