@@ -393,9 +393,12 @@ def find_resume(resume: str, output_dir: str) -> str:
         if pos is None:
             _logger.warning(f"--resume auto: ignoring '{f}' (incomplete or unreadable)")
             continue
-        candidates.append((pos, os.path.getmtime(f), f))
+        # equal positions (last, checkpoint-N and model_best of one epoch are often one hardlinked
+        # file): prefer last, then checkpoint-N, then model_best
+        pref = {'last.pth.tar': 2, 'model_best.pth.tar': 0}.get(os.path.basename(f), 1)
+        candidates.append((pos, pref, os.path.getmtime(f), f))
     # newest first; a full load confirms the choice (a file can be readable in its index but damaged)
-    for _, _, f in sorted(candidates, reverse=True):
+    for *_, f in sorted(candidates, reverse=True):
         if is_valid_checkpoint(f):
             _logger.info(f"--resume auto: resuming from '{f}'")
             return f
@@ -569,8 +572,9 @@ class BadImageGuard(torch.utils.data.Dataset):
         if ds.load_bytes:
             return sample.read(), target, features
         img = Image.open(sample)
+        img.load()  # decode now: a truncated file fails here, not later inside the transforms
         if ds.input_img_mode:
-            img = img.convert(ds.input_img_mode)  # decodes the pixels: truncated files fail here
+            img = img.convert(ds.input_img_mode)
         return img, target, features
 
     def _name(self, index) -> str:
