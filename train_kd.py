@@ -598,6 +598,7 @@ def train(args, args_text):
         saver.extras_fn = partial(_checkpoint_extras, args)
         if resume_path and os.path.dirname(os.path.abspath(resume_path)) == os.path.abspath(output_dir):
             saver.load_state_dict_from_checkpoint(resume_path)
+            saver.adopt_recovery(resume_path)  # rotated away by the next recovery saves
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
             f.write(args_text)
         writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tb'))
@@ -805,6 +806,7 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
                 set_rng_state(resume_state['rng_prev'])
             elif batch_idx == start_batch - 1 and resume_state.get('rng') is not None:
                 set_rng_state(resume_state['rng'])
+                rng_prev = resume_state['rng']  # the next recovery checkpoint needs it as its previous state
             data_start = update_start = time.time()
             continue
         last_batch = batch_idx == num_batches - 1
