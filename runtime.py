@@ -10,6 +10,7 @@
 * ``BadImageGuard`` skips unreadable images, names and counts them, and stops the run past a limit.
 """
 import argparse
+import csv
 import errno
 import glob
 import logging
@@ -405,6 +406,32 @@ def find_resume(resume: str, output_dir: str) -> str:
         _logger.warning(f"--resume auto: ignoring '{f}' (damaged)")
     _logger.info(f"--resume auto: no usable checkpoint in '{output_dir}', starting a new run")
     return ''
+
+
+def truncate_summary(path: str, first_epoch: int) -> int:
+    """Drop summary.csv rows of epochs >= ``first_epoch``; returns how many were dropped.
+
+    A run killed after writing an epoch's row but before its checkpoint was complete redoes that
+    epoch on resume; without this the epoch would appear twice.
+    """
+    if not os.path.isfile(path):
+        return 0
+    with open(path, newline='') as f:
+        rows = list(csv.reader(f))
+    if not rows:
+        return 0
+    keep = [rows[0]] + [r for r in rows[1:] if r and r[0].isdigit() and int(r[0]) < first_epoch]
+    dropped = len(rows) - len(keep)
+    if dropped:
+        tmp = f'{path}.partial.{os.getpid()}'
+        with open(tmp, 'w', newline='') as f:
+            csv.writer(f).writerows(keep)
+            f.flush()
+            os.fsync(f.fileno())
+        os.replace(tmp, path)
+        _logger.info(f"Removed {dropped} row(s) of epoch {first_epoch} and later from '{path}' (written before "
+                     f"the run stopped; those epochs are trained again)")
+    return dropped
 
 
 def run_config(args) -> Dict[str, Any]:
