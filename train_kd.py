@@ -41,7 +41,7 @@ from runtime import (
     EXIT_FATAL, EXIT_PREEMPTED, FatalError, NonFiniteGuard, RunSaver, check_data_dir, check_output_dir,
     collective_failure_message, collective_timeout,
     capture_rng_state, find_resume, gather_rng_states, get_rng_state, guard_bad_images, install_signal_handlers,
-    load_state_extras, log_startup_error, set_rng_state, stop_requested,
+    load_state_extras, log_startup_error, set_rng_state, stop_requested, truncate_summary,
 )
 
 _logger = logging.getLogger('train')
@@ -623,6 +623,8 @@ def train(args, args_text):
             lr_scheduler.step(start_epoch)
     if utils.is_primary(args):
         _logger.info(f'Scheduled epochs: {num_epochs}, {updates_per_epoch} updates per epoch.')
+        if resume_path:  # rows a stopped run wrote for the epochs trained again
+            truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
 
     guard = NonFiniteGuard(args.nonfinite, args.nonfinite_max_skips, distributed=args.distributed, device=device)
     if extras is not None:
