@@ -434,6 +434,20 @@ def truncate_summary(path: str, first_epoch: int) -> int:
     return dropped
 
 
+def check_same_resume(path: str, distributed: bool) -> None:
+    """Every rank must resume from the same file (collective): a run folder that only some nodes see
+    would otherwise start those ranks fresh while the others resume."""
+    if not distributed:
+        return
+    paths = [None] * dist.get_world_size()
+    dist.all_gather_object(paths, path)
+    odd = next((r for r, p in enumerate(paths) if p != paths[0]), None)
+    if odd is not None:
+        raise FatalError(f"ranks disagree on the checkpoint to resume (rank 0: '{paths[0] or 'none'}', rank {odd}: "
+                         f"'{paths[odd] or 'none'}'); put --output on a filesystem every node shares, or pass "
+                         f"--resume PATH readable by every node")
+
+
 def run_config(args) -> Dict[str, Any]:
     """The settings that define what a run trains (compared on resume)."""
     return {k: v for k, v in sorted(vars(args).items()) if k not in RESUME_FREE_KEYS}
@@ -460,6 +474,11 @@ def load_state_extras(path: str, args, force: bool = False) -> Dict[str, Any]:
         if diff:
             _logger.warning(f'--resume-force: continuing although {", ".join(diff)} changed')
     rank = getattr(args, 'rank', 0)
+    saved_ranks = len(extras.get('rng') or [])
+    if extras.get('batch_idx') is not None and saved_ranks and saved_ranks != getattr(args, 'world_size', 1):
+        _logger.warning(f"'{path}' was written mid-epoch by {saved_ranks} process(es), resumed by "
+                        f"{getattr(args, 'world_size', 1)}: the rest of the epoch sees another split of the data "
+                        f"(not an exact resume). Resume with the same process count, or from an epoch checkpoint")
     for key in ('rng', 'rng_prev'):
         states = extras.get(key)
         if states is not None:
