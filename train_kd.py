@@ -39,7 +39,7 @@ from distillers import DISTILLERS, TeacherLoadError, build_task, create_teacher
 from distillers.base import TEACHER_MODES
 from runtime import (
     EXIT_FATAL, EXIT_PREEMPTED, FatalError, NonFiniteGuard, RunSaver, check_data_dir, check_output_dir,
-    collective_failure_message, collective_timeout,
+    check_same_resume, collective_failure_message, collective_timeout,
     capture_rng_state, find_resume, gather_rng_states, get_rng_state, guard_bad_images, install_signal_handlers,
     load_state_extras, log_startup_error, set_rng_state, stop_requested, truncate_summary,
 )
@@ -514,6 +514,7 @@ def train(args, args_text):
     resume_epoch, resume_batch, extras = None, 0, None
     output_dir = _output_dir(args, img_size)
     resume_path = find_resume(args.resume, output_dir) if args.resume else ''
+    check_same_resume(resume_path, args.distributed)
     if resume_path:
         try:
             resume_epoch = resume_task_checkpoint(
