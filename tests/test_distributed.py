@@ -336,3 +336,18 @@ def test_slurm_script_forwards_the_time_limit_signal_and_requeues(tmp_path):
     assert (log / 'srun_got').read_text().strip() == 'TERM'
     assert (log / 'requeue').read_text().split() == ['123']
     assert 'requeueing job 123' in out
+
+
+def test_nodes_that_see_different_run_folders_refuse_to_resume(setup, single_run, tmp_path):
+    """A run folder that is not shared: node 0 finds a checkpoint, node 1 none; both stop, saying why."""
+    import shutil
+    shutil.copytree(single_run, tmp_path / 'node0' / 'split')
+    port = _free_port()
+    nodes = []
+    for r in (0, 1):
+        argv = _args(setup, 'split', B, '--output', str(tmp_path / f'node{r}'), '--resume', 'auto', '--epochs', '4')
+        nodes.append(_launch(1, argv, NNODES=2, NODE_RANK=r, MASTER_ADDR='127.0.0.1', MASTER_PORT=port))
+    for rc, out in [_finish(p, timeout=120) for p in nodes]:
+        assert rc != 0
+        assert "ranks disagree on the checkpoint to resume (rank 0: '" in out and "rank 1: 'none'" in out, out[-2000:]
+    assert len(_losses(tmp_path / 'node0' / 'split')) == EPOCHS  # nothing was trained
