@@ -367,7 +367,8 @@ def _check_args(parser_error, args):
 
 
 def main(argv=None):
-    utils.setup_default_logging()
+    if not logging.getLogger().handlers:  # in-process callers (tests) would stack one handler per call
+        utils.setup_default_logging()
     args, args_text = _parse_args(argv)
     _check_args(_parser().error, args)
     try:
