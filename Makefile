@@ -8,7 +8,6 @@ FMNIST ?= /usr/share/datasets/fashion-mnist
 
 $(VENV)/.installed: requirements.txt
 	$(PYTHON) -m venv $(VENV)
-	$(PY) -m pip install --upgrade pip -q
 	$(PY) -m pip install -q -r requirements.txt
 	touch $@
 
