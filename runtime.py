@@ -545,13 +545,18 @@ class NonFiniteGuard:
 
     def check(self, terms: Dict[str, torch.Tensor], step: int, what: str = 'loss') -> bool:
         """Returns True when the update must be skipped; raises FatalError on abort. Ranks agree."""
-        names = sorted(k for k, v in terms.items() if not torch.isfinite(v).all())
-        bad = torch.tensor([1.0 if names else 0.0], device=self.device)
+        keys = list(terms)
+        # one flag per term, one collective and one host sync per update (not one per term)
+        bad = torch.stack([(~torch.isfinite(terms[k].detach().float())).any() for k in keys]).float()
+        own = bad.clone()
         if self.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)
-        if bad.item() == 0:
+        flags, own = bad.tolist(), own.tolist()
+        if not any(flags):
             return False
-        where = f"{', '.join(names) or 'on another rank'}"
+        names = sorted(k for k, f, o in zip(keys, flags, own) if o)
+        others = sorted(k for k, f, o in zip(keys, flags, own) if f and not o)
+        where = ', '.join(names + [f'{k} (on another rank)' for k in others])
         if self.policy == 'abort':
             raise FatalError(f'non-finite {what} at update {step}: {where}. Lower --lr, check the data and the '
                              f'teacher, or pass --nonfinite skip; the last checkpoint is intact')

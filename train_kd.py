@@ -841,7 +841,8 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
                 loss.backward()
                 if need_update:
                     grads = [p.grad for p in task.get_trainable_module().parameters() if p.grad is not None]
-                    grad_ok = torch.stack([torch.isfinite(g).all() for g in grads]).all() if grads else None
+                    # per-tensor norms in a few fused kernels; inf/nan in any gradient makes its norm non-finite
+                    grad_ok = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all() if grads else None
                     check = dict(terms)
                     if grad_ok is not None:
                         check['gradient'] = torch.where(grad_ok, 0.0, float('nan'))
