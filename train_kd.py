@@ -561,21 +561,8 @@ def train(args, args_text):
     if args.aug_splits > 1:
         dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
 
-    train_interpolation = args.train_interpolation
-    if args.no_aug or not train_interpolation:
-        train_interpolation = data_config['interpolation']
-    loader_train = create_loader(
-        dataset_train, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-        re_split=args.resplit, train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio,
-        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
-        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
-        gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats),
-        num_aug_splits=args.aug_splits, interpolation=train_interpolation, mean=data_config['mean'],
-        std=data_config['std'], num_workers=args.workers, distributed=args.distributed, collate_fn=collate_fn,
-        pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher, worker_seeding=args.worker_seeding,
-        persistent_workers=False,
-    )
+    loader_train = create_train_loader(dataset_train, args, data_config, device, collate_fn=collate_fn,
+                                       distributed=args.distributed)
     loader_eval = None
     if dataset_eval is not None:
         loader_eval = create_loader(
@@ -706,6 +693,30 @@ def train(args, args_text):
     if best_metric is not None and utils.is_primary(args):
         _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
     return exit_code
+
+
+def create_train_loader(dataset, args, data_config, device, collate_fn=None, distributed=False,
+                        persistent_workers=False):
+    """The run's training loader: timm's create_loader with the augmentation flags of ``args``.
+
+    Workers are not persistent by default so that every epoch re-seeds them from the epoch's seed
+    (exact resume).
+    """
+    interpolation = args.train_interpolation
+    if args.no_aug or not interpolation:
+        interpolation = data_config['interpolation']
+    return create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        re_split=args.resplit, train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio,
+        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats),
+        num_aug_splits=args.aug_splits, interpolation=interpolation, mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, distributed=distributed, collate_fn=collate_fn,
+        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
+        worker_seeding=args.worker_seeding, persistent_workers=persistent_workers,
+    )
 
 
 def _num_classes(dataset):

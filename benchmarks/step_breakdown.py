@@ -47,7 +47,7 @@ import torch  # noqa: E402
 from PIL import Image  # noqa: E402
 from torch.utils.flop_counter import FlopCounterMode, sdpa_backward_flop_count, sdpa_flop_count  # noqa: E402
 
-from timm.data import create_dataset, create_loader, resolve_data_config  # noqa: E402
+from timm.data import create_dataset, resolve_data_config  # noqa: E402
 from timm.models import create_model, is_model, split_model_name_tag  # noqa: E402
 from timm.optim import create_optimizer_v2, optimizer_kwargs  # noqa: E402
 from timm.utils import unwrap_model  # noqa: E402
@@ -272,18 +272,7 @@ def build(args, bench):
     if dataset is None:
         side = bench.synthetic_size or int(math.ceil(max(img_size) / 0.875))
         dataset = SyntheticImages(args.batch_size * (rounds + 2), side, num_classes, seed=args.seed)
-    train_interpolation = args.train_interpolation
-    if args.no_aug or not train_interpolation:
-        train_interpolation = data_config['interpolation']
-    loader = create_loader(
-        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
-        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
-        train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio, hflip=args.hflip,
-        vflip=args.vflip, color_jitter=args.color_jitter, color_jitter_prob=args.color_jitter_prob,
-        grayscale_prob=args.grayscale_prob, gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa,
-        interpolation=train_interpolation, mean=data_config['mean'], std=data_config['std'],
-        num_workers=args.workers, pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
-        persistent_workers=args.workers > 0)
+    loader = train_kd.create_train_loader(dataset, args, data_config, device, persistent_workers=args.workers > 0)
     if len(loader) < 1:
         raise SystemExit(f'the data holds fewer images ({len(dataset)}) than one batch ({args.batch_size}); '
                          f'lower --batch-size')
