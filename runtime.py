@@ -543,11 +543,32 @@ class NonFiniteGuard:
         self.device = device
         self.skipped = 0
 
-    def check(self, terms: Dict[str, torch.Tensor], step: int, what: str = 'loss') -> bool:
+    @staticmethod
+    def _flags(terms: Dict[str, torch.Tensor]) -> torch.Tensor:
+        return torch.stack([(~torch.isfinite(v.detach().float())).any() for v in terms.values()]).float()
+
+    def observe(self, terms: Dict[str, torch.Tensor], step: int) -> None:
+        """``abort`` policy: note non-finite terms on the device, without a host sync; ``flush`` decides."""
+        flags = self._flags(terms)
+        if getattr(self, '_seen', None) is None or self._seen[0] != list(terms):
+            self._seen = [list(terms), flags, step, step]
+        else:
+            self._seen[1] = torch.maximum(self._seen[1], flags)
+            self._seen[3] = step
+
+    def flush(self, what: str = 'loss') -> None:
+        """Raise (on every rank) if any observed update had a non-finite term; call before saving."""
+        seen = getattr(self, '_seen', None)
+        self._seen = None
+        if seen is not None:
+            keys, flags, first, last = seen
+            self.check(dict(zip(keys, flags)), f'{first}-{last}' if last != first else first, what, flags=flags)
+
+    def check(self, terms: Dict[str, torch.Tensor], step, what: str = 'loss', flags=None) -> bool:
         """Returns True when the update must be skipped; raises FatalError on abort. Ranks agree."""
         keys = list(terms)
-        # one flag per term, one collective and one host sync per update (not one per term)
-        bad = torch.stack([(~torch.isfinite(terms[k].detach().float())).any() for k in keys]).float()
+        # one flag per term, one collective and one host sync (not one per term)
+        bad = (self._flags(terms) if flags is None else flags).clone()
         own = bad.clone()
         if self.distributed:
             dist.all_reduce(bad, op=dist.ReduceOp.MAX)

@@ -842,8 +842,9 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
             terms = OrderedDict((k, v.detach()) for k, v in out.items() if k.startswith('loss'))
             loss = out['loss'] / accum
             skip = False
+            defer = guard.policy == 'abort'  # abort: checked at log/save points, no sync per update
             if loss_scaler is not None:
-                skip = guard.check(terms, num_updates)
+                skip = guard.observe(terms, num_updates) if defer else guard.check(terms, num_updates)
                 if not skip:
                     loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
                                 parameters=task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
@@ -857,7 +858,7 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
                     check = dict(terms)
                     if grad_ok is not None:
                         check['gradient'] = torch.where(grad_ok, 0.0, float('nan'))
-                    skip = guard.check(check, num_updates)
+                    skip = guard.observe(check, num_updates) if defer else guard.check(check, num_updates)
                     if not skip:
                         if args.clip_grad is not None:
                             utils.dispatch_clip_grad(
@@ -887,7 +888,9 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
         update_start = now
         update_sample_count = 0
 
-        if update_idx % args.log_interval == 0 or last_batch:
+        log_now = update_idx % args.log_interval == 0 or last_batch
+        if log_now:
+            guard.flush()
             lrl = [pg['lr'] for pg in optimizer.param_groups]
             lr = sum(lrl) / len(lrl)
             avg = _reduce_terms(term_sums, sample_count, args)
@@ -908,8 +911,12 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
                 writer.add_scalar('train/img_per_s', images_per_s.avg, step)
                 writer.add_scalar('train/data_wait_pct', wait, step)
 
-        stop = stop_requested(args.distributed, device)
+        # a stop signal is agreed on every update in one process; across ranks (a collective) at log
+        # points and every 10 updates, so the step itself has no host sync
+        stop = stop_requested(args.distributed, device) if not args.distributed or log_now or \
+            num_updates % 10 == 0 else False
         if stop or (args.recovery_interval and num_updates % args.recovery_interval == 0 and not last_batch):
+            guard.flush()
             rng = gather_rng_states(args.distributed)
             rng_prev_all = gather_rng_states(args.distributed, capture_rng_state(rng_prev) if rng_prev else None)
             epoch_sums = _reduce_sums(term_sums, sample_count, args)

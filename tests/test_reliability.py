@@ -437,3 +437,18 @@ def test_resume_with_another_recipe_is_refused_unless_forced(assets, tmp_path, c
     assert train_kd.main(changed + ['--resume-force']) == 0
     assert 'continuing although lr, smoothing changed' in caplog.text
     assert [r['epoch'] for r in _rows(tmp_path / 'r')] == ['0', '1']
+
+
+def test_abort_policy_defers_the_check_to_the_next_flush():
+    """--nonfinite abort observes on the device each update and decides at log/save points."""
+    from runtime import FatalError, NonFiniteGuard
+    guard = NonFiniteGuard('abort')
+    ok = {'loss': torch.tensor(1.0), 'loss_kd': torch.tensor(2.0)}
+    guard.observe(ok, 3)
+    guard.flush()  # all finite: nothing happens
+    guard.observe(ok, 4)
+    guard.observe({'loss': torch.tensor(float('nan')), 'loss_kd': torch.tensor(float('inf'))}, 5)
+    guard.observe(ok, 6)
+    with pytest.raises(FatalError, match=r'non-finite loss at update 4-6: loss, loss_kd\.'):
+        guard.flush()
+    guard.flush()  # the flags were consumed
