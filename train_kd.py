@@ -894,22 +894,30 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
             lrl = [pg['lr'] for pg in optimizer.param_groups]
             lr = sum(lrl) / len(lrl)
             avg = _reduce_terms(term_sums, sample_count, args)
+            teacher_ms = task.pop_teacher_ms() if hasattr(task, 'pop_teacher_ms') else None
             if utils.is_primary(args):
                 eta_epoch, eta_run = ctx['run_timer'].eta(updates_per_epoch - update_idx - 1)
                 terms_str = '  '.join(f'{k}: {v:.4f}' for k, v in avg.items())
                 wait = 100 * data_time_m.avg / max(update_time_m.avg, 1e-9)
+                # the rest of an update after data and teacher: student, projectors, losses, backward, step
+                step_ms = 1000 * (update_time_m.avg - data_time_m.avg * accum_steps)
+                split = f'Teacher: {teacher_ms:.1f} ms  Student+loss: {step_ms - teacher_ms * accum_steps:.1f} ms  ' \
+                    if teacher_ms is not None else ''
                 _logger.info(
                     f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
                     f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  {terms_str}  '
                     f'Time: {update_time_m.val:.3f}s, {images_per_s.val:>7.2f}/s ({update_time_m.avg:.3f}s, '
                     f'{images_per_s.avg:>7.2f}/s)  LR: {lr:.3e}  Data: {data_time_m.avg:.3f} ({wait:.0f}% wait)  '
-                    f'ETA epoch {eta_epoch} run {eta_run}')
+                    f'{split}ETA epoch {eta_epoch} run {eta_run}')
                 step = num_updates
                 for k, v in avg.items():
                     writer.add_scalar(f'train/{k}', v, step)
                 writer.add_scalar('train/lr', lr, step)
                 writer.add_scalar('train/img_per_s', images_per_s.avg, step)
                 writer.add_scalar('train/data_wait_pct', wait, step)
+                if teacher_ms is not None:
+                    writer.add_scalar('train/teacher_ms', teacher_ms, step)
+                    writer.add_scalar('train/student_loss_ms', step_ms - teacher_ms * accum_steps, step)
 
         # a stop signal is agreed on every update in one process; across ranks (a collective) at log
         # points and every 10 updates, so the step itself has no host sync

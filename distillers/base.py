@@ -5,6 +5,8 @@ pretrained_cfg), frozen, kept out of DDP and out of the EMA, and held in eval mo
 ``task.train()`` is called with, unless ``teacher_mode='train'`` asks for the official code's
 behaviour (teacher drop-path active during distillation).
 """
+import time
+from contextlib import contextmanager
 from typing import Any, Dict, Optional, Sequence, Tuple
 
 import torch
@@ -62,6 +64,30 @@ class DistillTask(TrainingTask):
         # decided once here: comparing the buffers in every step would sync the host with the device
         self.renormalize = not (torch.allclose(self.student_mean.cpu(), teacher.mean_kd.cpu().float())
                                 and torch.allclose(self.student_std.cpu(), teacher.std_kd.cpu().float()))
+
+    @contextmanager
+    def teacher_timer(self, x: torch.Tensor):
+        """Time the teacher pass: CUDA events on GPU (read at log time, no sync here), a clock on CPU."""
+        pending = self.__dict__.setdefault('_teacher_times', [])
+        if x.is_cuda:
+            start, end = torch.cuda.Event(enable_timing=True), torch.cuda.Event(enable_timing=True)
+            start.record()
+            yield
+            end.record()
+            pending.append((start, end))
+        else:
+            t = time.perf_counter()
+            yield
+            pending.append((time.perf_counter() - t) * 1000.0)
+
+    def pop_teacher_ms(self) -> Optional[float]:
+        """Mean teacher milliseconds per step since the last call (synchronises on GPU events)."""
+        pending = self.__dict__.get('_teacher_times') or []
+        self._teacher_times = []
+        if not pending:
+            return None
+        ms = [p if isinstance(p, float) else (p[1].synchronize(), p[0].elapsed_time(p[1]))[1] for p in pending]
+        return sum(ms) / len(ms)
 
     def train(self, mode: bool = True) -> 'DistillTask':
         super().train(mode)

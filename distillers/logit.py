@@ -29,7 +29,7 @@ class KDTask(DistillTask):
         return self.trainable_module
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
-        with torch.no_grad():
+        with torch.no_grad(), self.teacher_timer(input):
             teacher_logits = self.teacher(self.teacher_input(input))
         logits = self.trainable_module(input)
         loss_cls = self.criterion(logits, target)

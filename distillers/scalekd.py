@@ -178,7 +178,7 @@ class ScaleKDTask(DistillTask):
     # --- the step ------------------------------------------------------------------------------
     def teacher_targets(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Teacher logits and final map T4 (NCHW), without gradients."""
-        with torch.no_grad():
+        with torch.no_grad(), self.teacher_timer(x):
             return forward_teacher(self.teacher.model, self.teacher_input(x), self.tail.out_grid)
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
