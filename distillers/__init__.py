@@ -17,10 +17,6 @@ DISTILLERS = {
     'scalekd': ScaleKDTask,
 }
 
-# kwargs a task without a teacher ignores (so one call site serves all distillers)
-_TEACHER_KWARGS = ('mean', 'std', 'teacher_mode', 'teacher_img_size')
-
-
 def build_task(name: str, student: nn.Module, teacher: Optional[nn.Module] = None, **kwargs):
     """Create the training task ``name`` around ``student`` (and ``teacher`` for KD tasks)."""
     if name not in DISTILLERS:

@@ -83,18 +83,6 @@ def final_to_nchw(model: nn.Module, final: torch.Tensor, grid: Tuple[int, int]) 
     raise ValueError(f'unsupported feature shape {tuple(final.shape)}')
 
 
-def token_grid(model: nn.Module, img_size: Tuple[int, int]) -> Tuple[int, int]:
-    """Patch grid of a token model at ``img_size``."""
-    m = unwrap_model(model)
-    pe = getattr(m, 'patch_embed', None)
-    if pe is not None and hasattr(pe, 'dynamic_feat_size'):
-        return tuple(pe.dynamic_feat_size(img_size))
-    if pe is not None and getattr(pe, 'grid_size', None) is not None:
-        return tuple(pe.grid_size)
-    stride = m.feature_info[-1]['reduction']
-    return img_size[0] // stride, img_size[1] // stride
-
-
 def forward_student(
         model: nn.Module,
         x: torch.Tensor,
