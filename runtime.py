@@ -42,7 +42,7 @@ RESUME_FREE_KEYS = {
     'output', 'experiment', 'pin_mem', 'device', 'dist_backend', 'config', 'synchronize_step', 'start_epoch',
     'teacher_min_top1', 'teacher_check_batches', 'nonfinite', 'nonfinite_max_skips', 'val_interval', 'epochs',
     'data_dir', 'teacher_checkpoint', 'prefetcher', 'distributed', 'world_size', 'rank', 'local_rank',
-    'dist_timeout', 'max_bad_images',
+    'dist_timeout', 'max_bad_images', 'loss_balance_factor', 'scalekd_allow_degenerate',
 }
 
 

@@ -10,6 +10,7 @@ defaults; command-line flags override them.
     ./distributed_train.sh 8 --config recipes/swinl_vitb.yaml --data-dir /data/imagenet
 """
 import argparse
+import json
 import logging
 import math
 import os
@@ -36,6 +37,7 @@ from timm.task import resume_task_checkpoint, load_task_ema_checkpoint
 import models  # noqa: F401  registers the paper's student variants
 from config import parse_args_with_recipe
 from distillers import DISTILLERS, TeacherLoadError, build_task, create_teacher
+from distillers.balance import DEFAULT_FACTOR, reference_term, term_gradient_norms, unbalanced_terms
 from distillers.base import TEACHER_MODES
 from runtime import (
     EXIT_FATAL, EXIT_PREEMPTED, FatalError, NonFiniteGuard, RunSaver, check_data_dir, check_output_dir,
@@ -155,6 +157,13 @@ def _parser():
                        help='student stage-4 tap index (default: the final, normed features)')
     group.add_argument('--scalekd-tail-blocks', type=int, default=None, metavar='N',
                        help='blocks in the teacher tail for ViT/EVA teachers (default: depth // 12)')
+    group.add_argument('--scalekd-allow-degenerate', action='store_true', default=False,
+                       help='train even when an alternative-view term is constant by construction (a student map '
+                            'with a single position); by default such a run is refused before step 0')
+    group.add_argument('--loss-balance-factor', type=float, default=DEFAULT_FACTOR, metavar='F',
+                       help='before the first update, log the gradient norm each loss term sends into the student '
+                            'and warn when one exceeds F x the student loss\'s (0: skip the measurement) '
+                            f'(default: {DEFAULT_FACTOR:g})')
 
     group = parser.add_argument_group('Device parameters')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
@@ -465,6 +474,12 @@ def train(args, args_text):
     # create the teacher (frozen, eval) and the distillation task
     teacher = None
     if args.distiller != 'none':
+        # --teacher-kwargs img_size=N (as in the teacher's own --model-kwargs) means --teacher-img-size N
+        kw_size = args.teacher_kwargs.pop('img_size', None) if isinstance(args.teacher_kwargs, dict) else None
+        if kw_size is not None and args.teacher_img_size and kw_size != args.teacher_img_size:
+            raise FatalError(f'--teacher-img-size {args.teacher_img_size} and --teacher-kwargs img_size={kw_size} '
+                             f'disagree; pass only one of them')
+        args.teacher_img_size = args.teacher_img_size or kw_size
         try:
             teacher = create_teacher(
                 args.teacher, num_classes=args.num_classes, in_chans=in_chans,
@@ -482,6 +497,8 @@ def train(args, args_text):
                      f'(frozen, {args.teacher_mode} mode); distillation adds {n_extra / 1e6:.2f} M trained params')
         for k, w in getattr(task, 'loss_weights', {}).items():
             _logger.info(f'  loss weight {k}: {w:g}')
+    if hasattr(task, 'geometry'):
+        _check_geometry(args, task)
 
     # move to device, channels_last, sync-bn (student only)
     task.to(device=device)
@@ -627,7 +644,8 @@ def train(args, args_text):
                          num_epochs * updates_per_epoch)
     ctx = dict(args=args, task=task, optimizer=optimizer, loss_scaler=loss_scaler, amp_autocast=amp_autocast,
                device=device, saver=saver, writer=writer, lr_scheduler=lr_scheduler, mixup_fn=mixup_fn,
-               guard=guard, run_timer=run_timer, output_dir=output_dir)
+               guard=guard, run_timer=run_timer, output_dir=output_dir,
+               measure_balance=args.loss_balance_factor > 0 and not resume_path and start_epoch == 0)
     exit_code = 0
     try:
         for epoch in range(start_epoch, num_epochs):
@@ -835,6 +853,8 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
         data_time_m.update(time.time() - data_start)
+        if ctx['measure_balance'] and batch_idx == 0:
+            _log_loss_balance(args, task, input, target, amp_autocast, ctx['output_dir'])
 
         with (task.no_sync() if args.distributed and not need_update else suppress()):
             with amp_autocast():
@@ -1009,6 +1029,50 @@ def validate(model, loader, args, device, amp_autocast=suppress, log_suffix='', 
         _logger.info(f'Test{log_suffix}: Loss: {metrics["loss"]:.4f}  Acc@1: {metrics["top1"]:.3f}  '
                      f'Acc@5: {metrics["top5"]:.3f}  ({int(n)} images, {time.time() - start:.1f}s)')
     return metrics
+
+
+def _check_geometry(args, task):
+    """Log the ScaleKD grids; refuse a term that is constant by construction before anything is written."""
+    g = task.geometry
+    fmt = lambda hw: f'{hw[0]}x{hw[1]}'
+    if utils.is_primary(args):
+        _logger.info(f"ScaleKD grids at {fmt(g['img_size'])} px: student stage-3 {fmt(g['student_s3'])}, stage-4 "
+                     f"{fmt(g['student_s4'])}; teacher stage-3 {fmt(g['teacher_s3'])}, stage-4 {fmt(g['teacher_s4'])}; "
+                     f"projector queries stage-3 {fmt(g['query_s3'])}, stage-4 {fmt(g['query_s4'])}")
+    if not task.constant_terms:
+        return
+    problems = '; '.join(f'{k}: {why}' for k, why in task.constant_terms.items())
+    if args.scalekd_allow_degenerate:
+        if utils.is_primary(args):
+            _logger.warning(f'--scalekd-allow-degenerate: training with terms that are constant by construction '
+                            f'(no gradient): {problems}')
+        return
+    stages = sorted({k.split('_')[1] for k in task.constant_terms})
+    raise FatalError(
+        f"ScaleKD at --img-size {g['img_size'][-1]}: {problems}. The mean-removed (alternative) view of a spatially "
+        f"constant map is zero and teaches nothing. Fix: a larger --img-size (the student's tapped maps need more than "
+        f"one position), an earlier tap ({' / '.join(f'--scalekd-student-{s} IDX' for s in stages)}), or that view's "
+        f"weight set to 0 ({' / '.join(f'--scalekd-alpha-{s} DIRECT 0' for s in stages)}); or pass "
+        f"--scalekd-allow-degenerate to train with it anyway")
+
+
+def _log_loss_balance(args, task, input, target, amp_autocast, output_dir):
+    """Gradient norm each weighted term sends into the student on the first batch; warn on a runaway term."""
+    with (task.no_sync() if args.distributed else suppress()):
+        norms = term_gradient_norms(task, input, target, task.get_eval_model().parameters(), amp_autocast)
+    if not utils.is_primary(args):
+        return
+    ref = reference_term(norms)
+    _logger.info('Loss balance (gradient norm of each weighted term into the student, first batch): ' + '  '.join(
+        f'{k} {v:.3g}' + (f' ({v / norms[ref]:.2g}x)' if k != ref and norms[ref] > 0 else '') for k, v in norms.items()))
+    bad = unbalanced_terms(norms, args.loss_balance_factor)
+    with open(os.path.join(output_dir, 'loss_balance.json'), 'w') as f:
+        json.dump({'gradient_norms': norms, 'reference': ref, 'factor': args.loss_balance_factor,
+                   'over_factor': bad}, f, indent=1)
+    for k, ratio in bad.items():
+        _logger.warning(f'{k} sends {ratio:.3g}x the gradient of {ref} into the student (limit '
+                        f'--loss-balance-factor {args.loss_balance_factor:g}): it will dominate training. Lower its '
+                        f'weight, or check the inputs and the teacher')
 
 
 def _check_teacher(args, task, loader_eval, amp_autocast, device):

@@ -31,6 +31,36 @@ from .tpp import perceive
 VIEWS = ('a', 'b')  # a: direct view, b: alternative (DC-removed) view
 
 
+def constant_terms(geometry: Dict[str, Tuple[int, int]], alpha: Dict[str, Sequence[float]]) -> Dict[str, str]:
+    """Alternative-view terms that are constant by construction (they can teach nothing), with the reason.
+
+    A projector whose student map has one position attends over a single key, so its output is the
+    same at every query position; a stage-4 projector fed constant queries (a constant stage-3 path)
+    is constant too, and the teacher tail maps a constant map to a constant map. The mean-removed
+    view of a constant map is zero: its term is a constant with no gradient. A teacher map with one
+    position makes both alternative views zero on the teacher side.
+    """
+    single = {k: geometry[k][0] * geometry[k][1] == 1 for k in ('student_s3', 'student_s4', 'teacher_s4')}
+    reasons = {}
+    for stage in ('s3', 's4'):
+        if not alpha[stage][1]:
+            continue
+        term = f'loss_{stage}_alt'
+        if single['teacher_s4']:
+            reasons[term] = f'the teacher\'s final map is {_grid(geometry["teacher_s4"])}'
+        elif single['student_s3']:
+            reasons[term] = (f'the student stage-3 map is {_grid(geometry["student_s3"])}, so the stage-3 projections '
+                             f'(and the stage-4 projections they query) are spatially constant')
+        elif stage == 's4' and single['student_s4']:
+            reasons[term] = (f'the student stage-4 map is {_grid(geometry["student_s4"])}, so the stage-4 projector '
+                             f'attends over a single key and its output is spatially constant')
+    return reasons
+
+
+def _grid(hw) -> str:
+    return f'{hw[0]}x{hw[1]}'
+
+
 class ScaleKDModule(nn.Module):
     """Student + projectors: everything with gradients, in one module for DDP/EMA."""
 
@@ -117,6 +147,11 @@ class ScaleKDTask(DistillTask):
         with torch.no_grad():
             _, s3, s4 = forward_student(student, torch.zeros(1, 3, *img_size, device=student_device), taps)
         student.train(was_training)
+        self.geometry = {
+            'img_size': tuple(img_size), 'student_s3': tuple(s3.shape[-2:]), 'student_s4': tuple(s4.shape[-2:]),
+            'teacher_s3': tuple(self.tail.in_grid), 'teacher_s4': tuple(self.tail.out_grid),
+            'query_s3': tuple(self.tail.in_grid), 'query_s4': tuple(self.tail.out_grid)}
+        self.constant_terms = constant_terms(self.geometry, self.alpha)
 
         caps = nn.ModuleDict()
         for i, v in enumerate(VIEWS):
