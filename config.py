@@ -16,6 +16,9 @@ import yaml
 SECTIONS = ('data', 'model', 'teacher', 'distill', 'optim', 'sched', 'aug', 'ema', 'runtime')
 # keys a saved args.yaml carries that are not settings of a run
 IGNORED_KEYS = ('config',)
+# what a recipe, a checkpoint's args or an export's metadata may set for validate.py / export.py
+SETTING_KEYS = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'gp', 'bn_eps', 'img_size', 'input_size',
+                'crop_pct', 'mean', 'std', 'interpolation')
 
 
 class RecipeError(ValueError):
@@ -166,3 +169,8 @@ def parse_args_with_recipe(
     args.config = known.config
     args_text = yaml.safe_dump(vars(args), default_flow_style=False)
     return args, args_text
+
+
+def run_settings(run_args: Dict[str, Any]) -> Dict[str, Any]:
+    """The model / preprocessing settings of a training run, from its args (``vars(ckpt['args'])``)."""
+    return {k: v for k, v in run_args.items() if k in SETTING_KEYS and v not in (None, '', {}, [])}

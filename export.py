@@ -21,12 +21,14 @@ import torch
 import torch.nn as nn
 
 from timm import utils
-from timm.models import clean_state_dict, create_model, load_state_dict
+from timm.models import clean_state_dict, create_model
 from timm.models.resnet import ResNet
 
 import models  # noqa: F401  registers the demo / paper student variants
-from runtime import FatalError, log_startup_error
-from validate import _short, load_strict, load_weights_only, run_settings, validate_main
+from config import run_settings
+from runtime.checkpoint import atomic_write, load_strict, load_weights_only, read_checkpoint
+from runtime.errors import FatalError, log_startup_error, short
+from validate import STRICT_HINT, validate_main
 
 _logger = logging.getLogger('export')
 TOP1_TOLERANCE = 0.01  # points
@@ -102,36 +104,32 @@ def _create_kwargs(settings: dict) -> dict:
     return {k: v for k, v in kw.items() if v is not None}
 
 
-def _atomic_write(state: dict, path: str, settings: dict, check=None) -> None:
-    """Temp file in the target folder, fsync, re-read and compare (and ``check``), then rename over ``path``."""
+def _write(state: dict, path: str, settings: dict, check=None) -> None:
+    """``path`` through the atomic writer; the temporary file must read back as written (and pass ``check``)."""
     folder, base = os.path.split(os.path.abspath(path))
-    tmp = os.path.join(folder, f'.partial-{os.getpid()}-{base}')
-    try:
+    tmp = os.path.join(folder, f'.partial-{os.getpid()}-{base}')  # keeps the extension: read back by its format
+
+    def write(f):
         if path.endswith('.safetensors'):
-            safetensors.torch.save_file(state, tmp, metadata={'format': 'pt', 'scalekd': json.dumps(settings)})
+            f.write(safetensors.torch.save(state, metadata={'format': 'pt', 'scalekd': json.dumps(settings)}))
         else:
-            torch.save(state, tmp)
-        mask = os.umask(0)
-        os.umask(mask)
-        os.chmod(tmp, 0o666 & ~mask)  # safetensors creates 0600 files
-        fd = os.open(tmp, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
-        back = load_state_dict(tmp, use_ema=False)
+            torch.save(state, f)
+
+    def read_back(tmp_path):
+        back = read_checkpoint(tmp_path, what='the exported file')[0]
         if back.keys() != state.keys() or not all(torch.equal(back[k], v) for k, v in state.items()):
-            raise FatalError(f"'{tmp}' does not read back as written; check the disk")
+            raise FatalError(f"'{tmp_path}' does not read back as written; check the disk")
         if check is not None:
-            check(tmp)
-        os.replace(tmp, path)
-        fd = os.open(folder, os.O_RDONLY)
-        os.fsync(fd)
-        os.close(fd)
+            check(tmp_path)
+
+    try:
+        atomic_write(path, write, check=read_back, tmp=tmp)
     except FatalError:
         raise
     except (OSError, RuntimeError, ValueError) as e:  # disk full, read-only folder, tensors safetensors refuses
-        raise FatalError(f"could not write '{path}' ({_short(e)}); pass --output on a writable disk") from None
+        raise FatalError(f"could not write '{path}' ({short(e)}); pass --output on a writable disk") from None
     finally:
-        if os.path.exists(tmp):
+        if os.path.exists(tmp):  # also after Ctrl-C
             os.remove(tmp)
 
 
@@ -152,14 +150,15 @@ def export_main(argv=None) -> dict:
         if use_ema and not has_ema:
             raise FatalError(f"'{args.checkpoint}' has no EMA student (run without --model-ema); pass --no-use-ema")
         key = 'state_dict_ema' if use_ema else 'state_dict'
-        state, settings = clean_state_dict(ckpt[key]), run_settings(ckpt['args'])
+        state, settings = clean_state_dict(ckpt[key]), run_settings(vars(ckpt['args']))
         dropped = ', '.join(sorted(k for k in ckpt if k != key))
         what = f"{'EMA student (state_dict_ema)' if use_ema else 'student (state_dict)'} of the " \
                f"{getattr(ckpt['args'], 'distiller', '?')} run; dropped {dropped}"
         model = create_model(settings['model'], **_create_kwargs(settings))
     name, num_classes = settings['model'], model.num_classes
     create_args = ''.join(f', {k}={v!r}' for k, v in _create_kwargs(settings).items() if k != 'num_classes')
-    load_strict(model, state, args.checkpoint, f"timm.create_model('{name}', num_classes={num_classes}{create_args})")
+    load_strict(model, state, args.checkpoint, f"timm.create_model('{name}', num_classes={num_classes}{create_args})",
+                STRICT_HINT)
     output = args.output or os.path.join(os.path.dirname(args.checkpoint), f"{name}{'-ema' if use_ema else ''}"
                                                                              f".safetensors")
     if not output.endswith(('.safetensors', '.pth', '.pt', '.bin')):
@@ -183,7 +182,7 @@ def export_main(argv=None) -> dict:
                                    f"{b:.4f} on {args.validate_data} (more than {TOP1_TOLERANCE} points apart); "
                                    f"'{output}' was not written")
 
-    _atomic_write(state, output, settings, check if args.validate_data else None)
+    _write(state, output, settings, check if args.validate_data else None)
     _logger.info(f"Wrote '{output}' ({len(state)} tensors). Load it with timm.create_model('{name}', pretrained=True, "
                  f"pretrained_cfg_overlay=dict(file='{output}', num_classes={num_classes}), "
                  f"num_classes={num_classes}{create_args})")

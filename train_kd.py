@@ -12,20 +12,19 @@ defaults; command-line flags override them.
 import argparse
 import json
 import logging
-import math
 import os
+import subprocess
 import sys
-import time
 from collections import OrderedDict
 from contextlib import suppress
 from datetime import datetime
 from functools import partial
 
 import torch
-import torch.nn as nn
 import torch.distributed as dist
 from torch.utils.tensorboard import SummaryWriter
 
+import timm
 from timm import utils
 from timm.data import create_dataset, create_loader, resolve_data_config, Mixup, FastCollateMixup, AugMixDataset
 from timm.layers import convert_sync_batchnorm, set_fast_norm
@@ -36,20 +35,35 @@ from timm.task import resume_task_checkpoint, load_task_ema_checkpoint
 
 import models  # noqa: F401  registers the paper's student variants
 from config import parse_args_with_recipe
-from distillers import DISTILLERS, TeacherLoadError, build_task, create_teacher
-from distillers.balance import DEFAULT_FACTOR, reference_term, term_gradient_norms, unbalanced_terms
-from distillers.base import TEACHER_MODES
-from runtime import (
-    EXIT_FATAL, EXIT_PREEMPTED, FatalError, NonFiniteGuard, RunSaver, check_data_dir, check_output_dir,
-    check_same_resume, collective_failure_message, collective_timeout,
-    capture_rng_state, find_resume, gather_rng_states, get_rng_state, guard_bad_images, install_signal_handlers,
-    load_state_extras, log_startup_error, set_rng_state, stop_requested, truncate_summary,
-)
+from distillers import TeacherLoadError, build_task, create_teacher
+from distillers.balance import reference_term, term_gradient_norms, unbalanced_terms
+from distillers.flags import add_distill_args, check_distill_args, criterion_kwargs, resolve_teacher_img_size, \
+    task_kwargs
+from runtime.checkpoint import check_output_dir
+from runtime.data import check_data_dir, guard_bad_images
+from runtime.distributed import collective_failure_message, collective_timeout
+from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error
+from runtime.metrics import StepTimer, TermSums, log_train_step
+from runtime.nonfinite import NonFiniteGuard
+from runtime.resume import EpochPosition, check_same_resume, find_resume, load_state_extras, run_config, \
+    truncate_summary
+from runtime.saver import RunSaver
+from runtime.signals import install_signal_handlers, stop_requested
+from validate import check_teacher, evaluate
 
 _logger = logging.getLogger('train')
 
+# settings that may change between a run and its resume without changing what is trained (dest names)
+RESUME_FREE_KEYS = frozenset({
+    'resume', 'resume_force', 'no_resume_opt', 'workers', 'log_interval', 'recovery_interval', 'checkpoint_hist',
+    'output', 'experiment', 'pin_mem', 'device', 'dist_backend', 'config', 'synchronize_step', 'start_epoch',
+    'teacher_min_top1', 'teacher_check_batches', 'nonfinite', 'nonfinite_max_skips', 'val_interval', 'epochs',
+    'data_dir', 'teacher_checkpoint', 'prefetcher', 'distributed', 'world_size', 'rank', 'local_rank',
+    'dist_timeout', 'max_bad_images', 'loss_balance_factor', 'scalekd_allow_degenerate',
+})
 
-def _parser():
+
+def build_parser():
     parser = argparse.ArgumentParser(description='ScaleKD / KD training (timm-style)')
     parser.add_argument('-c', '--config', default='', type=str, metavar='FILE',
                         help='recipe YAML (sections or flat dest-name keys) giving defaults for the flags below')
@@ -120,50 +134,7 @@ def _parser():
     group.add_argument('--torchcompile-mode', type=str, default=None,
                        help='torch.compile mode (default: None)')
 
-    group = parser.add_argument_group('Distillation parameters')
-    group.add_argument('--distiller', default='none', type=str, choices=sorted(DISTILLERS),
-                       help='distillation method (default: none)')
-    group.add_argument('--teacher', default='', type=str, metavar='NAME',
-                       help='teacher timm model name; with a pretrained tag and no --teacher-checkpoint its hub '
-                            'weights are loaded, e.g. swin_large_patch4_window7_224.ms_in22k_ft_in1k')
-    group.add_argument('--teacher-checkpoint', default='', type=str, metavar='PATH',
-                       help='teacher weights from a local file (.pth/.pth.tar/.safetensors), loaded strictly')
-    group.add_argument('--teacher-img-size', type=int, default=None, metavar='N',
-                       help='teacher input size; the student batch is resized when it differs (default: same)')
-    group.add_argument('--teacher-mode', default='eval', type=str, choices=TEACHER_MODES,
-                       help='teacher mode during distillation; the official code left it in train mode '
-                            '(drop-path active) (default: eval)')
-    group.add_argument('--teacher-kwargs', nargs='*', default={}, action=utils.ParseKwargs,
-                       help='extra teacher model kwargs, e.g. drop_path_rate=0.1')
-    group.add_argument('--kd-temperature', type=float, default=1.0, metavar='T',
-                       help='logit KD temperature (default: 1.0)')
-    group.add_argument('--kd-weight', type=float, default=0.5, metavar='W',
-                       help='logit KD weight; the student loss gets 1 - W (default: 0.5)')
-    group.add_argument('--scalekd-alpha-s3', type=float, nargs=2, default=[0.08, 0.06], metavar=('DIRECT', 'ALT'),
-                       help='stage-3 (proxy path) feature weights, direct and DC-removed views (default: 0.08 0.06)')
-    group.add_argument('--scalekd-alpha-s4', type=float, nargs=2, default=[0.08, 0.06], metavar=('DIRECT', 'ALT'),
-                       help='stage-4 feature weights, direct and DC-removed views (default: 0.08 0.06)')
-    group.add_argument('--scalekd-heads-s3', type=int, default=8, metavar='N',
-                       help='attention heads of the stage-3 projectors (default: 8)')
-    group.add_argument('--scalekd-heads-s4', type=int, default=8, metavar='N',
-                       help='attention heads of the stage-4 projectors (default: 8)')
-    group.add_argument('--scalekd-softmax-scale', type=float, nargs=2, default=[5.0, 5.0], metavar=('S3', 'S4'),
-                       help='attention logit scale of the stage-3 and stage-4 projectors (default: 5 5)')
-    group.add_argument('--scalekd-cap-norm', default='bn', type=str, choices=('bn', 'ln'),
-                       help='norm in the projector stem: BatchNorm2d or channel LayerNorm (default: bn)')
-    group.add_argument('--scalekd-student-s3', type=int, default=None, metavar='IDX',
-                       help='student stage-3 tap: forward_intermediates index (default: from feature_info)')
-    group.add_argument('--scalekd-student-s4', type=int, default=None, metavar='IDX',
-                       help='student stage-4 tap index (default: the final, normed features)')
-    group.add_argument('--scalekd-tail-blocks', type=int, default=None, metavar='N',
-                       help='blocks in the teacher tail for ViT/EVA teachers (default: depth // 12)')
-    group.add_argument('--scalekd-allow-degenerate', action='store_true', default=False,
-                       help='train even when an alternative-view term is constant by construction (a student map '
-                            'with a single position); by default such a run is refused before step 0')
-    group.add_argument('--loss-balance-factor', type=float, default=DEFAULT_FACTOR, metavar='F',
-                       help='before the first update, log the gradient norm each loss term sends into the student '
-                            'and warn when one exceeds F x the student loss\'s (0: skip the measurement) '
-                            f'(default: {DEFAULT_FACTOR:g})')
+    add_distill_args(parser)
 
     group = parser.add_argument_group('Device parameters')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
@@ -354,21 +325,13 @@ def _parser():
 
 
 def _parse_args(argv=None):
-    return parse_args_with_recipe(_parser(), argv)
+    return parse_args_with_recipe(build_parser(), argv)
 
 
 def _check_args(parser_error, args):
-    if args.distiller != 'none' and not args.teacher:
-        parser_error(f'--distiller {args.distiller} needs a teacher: pass --teacher NAME (and --teacher-checkpoint '
-                     f'PATH for local weights)')
-    if args.distiller == 'none' and (args.teacher or args.teacher_checkpoint):
-        parser_error('--teacher is set but --distiller is none; pass --distiller kd or --distiller scalekd')
-    if args.teacher_checkpoint and not os.path.isfile(args.teacher_checkpoint):
-        parser_error(f"--teacher-checkpoint '{args.teacher_checkpoint}' does not exist")
+    check_distill_args(parser_error, args)
     if not is_model(split_model_name_tag(args.model)[0]):
         parser_error(f"unknown --model '{args.model}'; use a timm model name (timm.list_models() lists them)")
-    if args.distiller == 'scalekd' and args.layer_decay is not None:
-        parser_error('--layer-decay is not supported with --distiller scalekd (projectors have no layer id)')
     if args.grad_accum_steps < 1:
         parser_error('--grad-accum-steps must be >= 1')
     if not args.data_dir and not args.dataset:
@@ -379,7 +342,7 @@ def main(argv=None):
     if not logging.getLogger().handlers:  # in-process callers (tests) would stack one handler per call
         utils.setup_default_logging()
     args, args_text = _parse_args(argv)
-    _check_args(_parser().error, args)
+    _check_args(build_parser().error, args)
     try:
         return train(args, args_text)
     except FatalError as e:
@@ -394,26 +357,7 @@ def main(argv=None):
 
 
 def train(args, args_text):
-    # setup device, distributed, dtype
-    if args.device.startswith('cuda') and torch.cuda.is_available():
-        torch.backends.cuda.matmul.allow_tf32 = True
-        torch.backends.cudnn.allow_tf32 = True
-        torch.backends.cudnn.benchmark = True
-    args.prefetcher = not args.no_prefetcher
-    args.grad_accum_steps = max(1, args.grad_accum_steps)
-    with collective_timeout(args.dist_timeout):
-        device = utils.init_distributed_device(args)
-    if args.distributed:
-        _logger.info(f'Training in distributed mode with {args.world_size} processes '
-                     f'(rank {args.rank}, device {args.device}).')
-    else:
-        _logger.info(f'Training with a single process on device {args.device}.')
-    assert args.rank >= 0
-    if args.aug_repeats and not args.distributed:
-        raise FatalError(f'--aug-repeats {args.aug_repeats:g} needs distributed training (timm\'s RepeatAugSampler); '
-                         f'launch with ./distributed_train.sh N ... or drop --aug-repeats')
-    if args.sync_bn and args.distributed and device.type == 'cpu':
-        raise FatalError('--sync-bn needs GPUs (torch SyncBatchNorm does not run on CPU); drop --sync-bn for CPU runs')
+    device = _setup_device(args)
 
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     use_amp = args.amp
@@ -427,31 +371,7 @@ def train(args, args_text):
         set_fast_norm()
 
     # create the train and eval datasets (before the model: the class count comes from the data)
-    if not args.dataset:
-        check_data_dir(args.data_dir, (args.train_split,))
-    dataset_train = create_dataset(
-        args.dataset, root=args.data_dir, split=args.train_split, is_training=True, class_map=args.class_map,
-        download=args.dataset_download, batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats,
-        input_img_mode=args.input_img_mode, num_samples=args.train_num_samples,
-    )
-    dataset_eval = None
-    if args.val_split:
-        dataset_eval = create_dataset(
-            args.dataset, root=args.data_dir, split=args.val_split, is_training=False, class_map=args.class_map,
-            download=args.dataset_download, batch_size=args.batch_size, input_img_mode=args.input_img_mode,
-            num_samples=args.val_num_samples,
-        )
-    data_classes = _num_classes(dataset_train)
-    if args.num_classes is None:
-        args.num_classes = data_classes
-    elif data_classes is not None and data_classes != args.num_classes:
-        raise FatalError(f'--num-classes {args.num_classes} does not match the {data_classes} classes found in '
-                         f'{args.data_dir}/{args.train_split}; drop --num-classes or fix the data folder')
-    if not len(dataset_train):
-        raise FatalError(f'the train split of {args.data_dir} holds no images')
-    # unreadable / corrupt images: skipped, named in the log, counted against --max-bad-images
-    dataset_train = guard_bad_images(dataset_train, args.max_bad_images, args.train_split)
-    dataset_eval = guard_bad_images(dataset_eval, args.max_bad_images, args.val_split)
+    dataset_train, dataset_eval = _create_datasets(args)
 
     # create the student
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
@@ -465,40 +385,14 @@ def train(args, args_text):
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     if utils.is_primary(args):
-        n_student = sum(p.numel() for p in model.parameters())
-        _logger.info(f'Student {safe_model_name(args.model)} created, param count: {n_student / 1e6:.2f} M')
+        _logger.info(f'Student {safe_model_name(args.model)} created, param count: '
+                     f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M')
 
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     img_size = tuple(data_config['input_size'][-2:])
 
     # create the teacher (frozen, eval) and the distillation task
-    teacher = None
-    if args.distiller != 'none':
-        # --teacher-kwargs img_size=N (as in the teacher's own --model-kwargs) means --teacher-img-size N
-        kw_size = args.teacher_kwargs.pop('img_size', None) if isinstance(args.teacher_kwargs, dict) else None
-        if kw_size is not None and args.teacher_img_size and kw_size != args.teacher_img_size:
-            raise FatalError(f'--teacher-img-size {args.teacher_img_size} and --teacher-kwargs img_size={kw_size} '
-                             f'disagree; pass only one of them')
-        args.teacher_img_size = args.teacher_img_size or kw_size
-        try:
-            teacher = create_teacher(
-                args.teacher, num_classes=args.num_classes, in_chans=in_chans,
-                checkpoint=args.teacher_checkpoint or None, img_size=args.teacher_img_size, **args.teacher_kwargs)
-        except TeacherLoadError as e:
-            raise FatalError(str(e)) from None
-    criterion_kwargs = _criterion_kwargs(args)
-    task = build_task(
-        args.distiller, model, teacher, criterion_kwargs=criterion_kwargs, device=device, **_task_kwargs(args, img_size),
-        mean=data_config['mean'], std=data_config['std'],
-    )
-    if utils.is_primary(args) and teacher is not None:
-        n_extra = sum(p.numel() for p in task.get_trainable_module().parameters()) - n_student
-        _logger.info(f'Teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params '
-                     f'(frozen, {args.teacher_mode} mode); distillation adds {n_extra / 1e6:.2f} M trained params')
-        for k, w in getattr(task, 'loss_weights', {}).items():
-            _logger.info(f'  loss weight {k}: {w:g}')
-    if hasattr(task, 'geometry'):
-        _check_geometry(args, task)
+    task = _create_task(args, model, data_config, device, in_chans)
 
     # move to device, channels_last, sync-bn (student only)
     task.to(device=device)
@@ -514,35 +408,18 @@ def train(args, args_text):
 
     # setup learning rate from lr_base and the global batch
     if args.lr is None:
-        global_batch_size = args.batch_size * args.world_size * args.grad_accum_steps
-        batch_ratio = global_batch_size / args.lr_base_size
-        if not args.lr_base_scale:
-            on = args.opt.lower()
-            args.lr_base_scale = 'sqrt' if any(o in on for o in ('ada', 'lamb')) else 'linear'
-        if args.lr_base_scale == 'sqrt':
-            batch_ratio = batch_ratio ** 0.5
-        args.lr = args.lr_base * batch_ratio
-        if utils.is_primary(args):
-            _logger.info(f'Learning rate ({args.lr}) calculated from base learning rate ({args.lr_base}) '
-                         f'and effective global batch size ({global_batch_size}) with {args.lr_base_scale} scaling.')
+        _resolve_lr(args)
 
     optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
 
-    # optionally resume from a checkpoint
-    resume_epoch, resume_batch, extras = None, 0, None
+    # optionally resume from a checkpoint: student, projectors, optimizer, scaler, then the exact-resume state
     output_dir = _output_dir(args, img_size)
+    config = run_config(args, RESUME_FREE_KEYS)
     resume_path = find_resume(args.resume, output_dir) if args.resume else ''
     check_same_resume(resume_path, args.distributed)
-    if resume_path:
-        try:
-            resume_epoch = resume_task_checkpoint(
-                task, resume_path, optimizer=None if args.no_resume_opt else optimizer,
-                loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=utils.is_primary(args))
-        except FileNotFoundError:
-            raise FatalError(f"--resume checkpoint '{resume_path}' does not exist") from None
-        except RuntimeError as e:
-            raise FatalError(f"--resume checkpoint '{resume_path}' does not fit this run: {str(e)[:500]}") from None
-        extras = load_state_extras(resume_path, args, force=args.resume_force)
+    start_epoch, resume_batch, extras = _resume(args, task, optimizer, loss_scaler, resume_path, config)
+    if utils.is_primary(args) and resume_path:  # rows a stopped run wrote for the epochs trained again
+        truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
 
     # setup exponential moving average of the trainable module (student + projectors)
     if args.model_ema:
@@ -562,22 +439,9 @@ def train(args, args_text):
                                  **(dict(broadcast_buffers=False) if args.no_ddp_bb else {}))
 
     # loaders and mixup
-    collate_fn = None
-    mixup_fn = None
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
-    if mixup_active:
-        mixup_args = dict(
-            mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
-            prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
-            label_smoothing=args.smoothing, num_classes=args.num_classes)
-        if args.prefetcher:
-            assert not args.aug_splits, 'collate conflict (cannot use aug splits with mixup + prefetcher)'
-            collate_fn = FastCollateMixup(**mixup_args)
-        else:
-            mixup_fn = Mixup(**mixup_args)
+    collate_fn, mixup_fn = _create_mixup(args)
     if args.aug_splits > 1:
         dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
-
     loader_train = create_train_loader(dataset_train, args, data_config, device, collate_fn=collate_fn,
                                        distributed=args.distributed)
     loader_eval = None
@@ -600,8 +464,7 @@ def train(args, args_text):
         saver = RunSaver(
             model=task.get_eval_model(), optimizer=optimizer, args=args, amp_scaler=loss_scaler,
             checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing_metric,
-            max_history=args.checkpoint_hist, task=task)
-        saver.extras_fn = partial(_checkpoint_extras, args)
+            max_history=args.checkpoint_hist, task=task, run_config=config)
         if resume_path and os.path.dirname(os.path.abspath(resume_path)) == os.path.abspath(output_dir):
             saver.load_state_dict_from_checkpoint(resume_path)
             saver.adopt_recovery(resume_path)  # rotated away by the next recovery saves
@@ -610,42 +473,29 @@ def train(args, args_text):
         writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tb'))
         _logger.info(f'Output folder: {output_dir}')
 
-    # setup learning rate schedule and starting epoch
+    # setup learning rate schedule (a mid-epoch resume continues at the update after the checkpoint)
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     lr_scheduler, num_epochs = create_scheduler_v2(
         optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=updates_per_epoch)
-    start_epoch = 0
-    if args.start_epoch is not None:
-        start_epoch = args.start_epoch
-    elif resume_epoch is not None:
-        start_epoch = resume_epoch
-    if extras is not None and extras.get('batch_idx') is not None:
-        # a mid-epoch (recovery) checkpoint: continue inside its epoch, at the next unseen batch
-        start_epoch, resume_batch = extras['epoch'], extras['batch_idx'] + 1
     if lr_scheduler is not None and (start_epoch > 0 or resume_batch):
-        if args.sched_on_updates:  # a mid-epoch resume continues at the update after the checkpoint
+        if args.sched_on_updates:
             lr_scheduler.step_update(start_epoch * updates_per_epoch + resume_batch // args.grad_accum_steps)
         else:
             lr_scheduler.step(start_epoch)
     if utils.is_primary(args):
         _logger.info(f'Scheduled epochs: {num_epochs}, {updates_per_epoch} updates per epoch.')
-        if resume_path:  # rows a stopped run wrote for the epochs trained again
-            truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
 
     guard = NonFiniteGuard(args.nonfinite, args.nonfinite_max_skips, distributed=args.distributed, device=device)
     if extras is not None:
         guard.skipped = extras.get('nonfinite_skipped', 0)
     if args.teacher_min_top1 is not None:
-        _check_teacher(args, task, loader_eval, amp_autocast, device)
+        check_teacher(task, loader_eval, args, device, amp_autocast, logger=_logger)
 
     restore_signal_handlers = install_signal_handlers()
     best_metric, best_epoch = None, None
-    run_timer = RunTimer(start_epoch * updates_per_epoch + resume_batch // args.grad_accum_steps,
-                         num_epochs * updates_per_epoch)
-    ctx = dict(args=args, task=task, optimizer=optimizer, loss_scaler=loss_scaler, amp_autocast=amp_autocast,
-               device=device, saver=saver, writer=writer, lr_scheduler=lr_scheduler, mixup_fn=mixup_fn,
-               guard=guard, run_timer=run_timer, output_dir=output_dir,
-               measure_balance=args.loss_balance_factor > 0 and not resume_path and start_epoch == 0)
+    timer = StepTimer(start_epoch * updates_per_epoch + resume_batch // args.grad_accum_steps,
+                      num_epochs * updates_per_epoch, args.world_size)
+    measure_balance = args.loss_balance_factor > 0 and not resume_path and start_epoch == 0
     exit_code = 0
     try:
         for epoch in range(start_epoch, num_epochs):
@@ -659,9 +509,11 @@ def train(args, args_text):
                 elif mixup_fn is not None:
                     mixup_fn.mixup_enabled = False
 
+            position = EpochPosition(resume_batch, extras if resume_batch else None)  # resume_batch: 0 after epoch 1
             train_metrics = train_one_epoch(
-                epoch, loader_train, ctx, start_batch=resume_batch if epoch == start_epoch else 0,
-                resume_state=extras if (extras and epoch == start_epoch and resume_batch) else None)
+                epoch, task, loader_train, optimizer, args, device=device, lr_scheduler=lr_scheduler, saver=saver,
+                writer=writer, amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn, guard=guard,
+                timer=timer, position=position, output_dir=output_dir, measure_balance=measure_balance)
             if train_metrics is None:  # stopped by a signal; a recovery checkpoint was written
                 exit_code = EXIT_PREEMPTED
                 break
@@ -670,32 +522,15 @@ def train(args, args_text):
                 utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
 
             eval_metrics = None
-            last_epoch = epoch + 1 == num_epochs
-            if loader_eval is not None and ((epoch + 1) % args.val_interval == 0 or last_epoch):
-                eval_metrics = validate(task.get_eval_model(), loader_eval, args, device, amp_autocast)
-                if task.has_ema() and not args.model_ema_force_cpu:
-                    if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                        utils.distribute_bn(task.get_trainable_module(ema=True), args.world_size,
-                                            args.dist_bn == 'reduce')
-                    ema_metrics = validate(task.get_eval_model(ema=True), loader_eval, args, device,
-                                           amp_autocast, log_suffix=' (EMA)')
-                    eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+            if loader_eval is not None and ((epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs):
+                eval_metrics = _validate_student_and_ema(task, loader_eval, args, device, amp_autocast)
 
             if utils.is_primary(args):
-                lrs = [pg['lr'] for pg in optimizer.param_groups]
-                row_eval = eval_metrics
-                if eval_metrics is None and loader_eval is not None:  # not validated this epoch: same columns, empty
-                    ema_cols = task.has_ema() and not args.model_ema_force_cpu
-                    row_eval = OrderedDict((k, '') for k in ('loss', 'top1', 'top5') + (
-                        ('ema_loss', 'ema_top1', 'ema_top5') if ema_cols else ()))
-                utils.update_summary(epoch, train_metrics, row_eval, os.path.join(output_dir, 'summary.csv'),
-                                     lr=sum(lrs) / len(lrs), write_header=epoch == start_epoch and
-                                     not os.path.exists(os.path.join(output_dir, 'summary.csv')))
-                for k, v in (eval_metrics or {}).items():
-                    writer.add_scalar(f'eval/{k}', v, epoch)
-                writer.flush()
+                _write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir,
+                               first=epoch == start_epoch, has_eval=loader_eval is not None)
                 metric = eval_metrics[eval_metric] if eval_metrics else None
-                best_metric, best_epoch = saver.save_checkpoint(epoch, metric=metric)
+                best_metric, best_epoch = saver.save_checkpoint(
+                    epoch, metric=metric, run_state=dict(nonfinite_skipped=guard.skipped))
 
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, eval_metrics[eval_metric] if eval_metrics else None)
@@ -713,13 +548,191 @@ def train(args, args_text):
     return exit_code
 
 
+def _setup_device(args):
+    """Device, distributed process group (with a collective timeout), TF32; logs the code and library versions."""
+    if args.device.startswith('cuda') and torch.cuda.is_available():
+        torch.backends.cuda.matmul.allow_tf32 = True
+        torch.backends.cudnn.allow_tf32 = True
+        torch.backends.cudnn.benchmark = True
+    args.prefetcher = not args.no_prefetcher
+    args.grad_accum_steps = max(1, args.grad_accum_steps)
+    with collective_timeout(args.dist_timeout):
+        device = utils.init_distributed_device(args)
+    if args.distributed:
+        _logger.info(f'Training in distributed mode with {args.world_size} processes '
+                     f'(rank {args.rank}, device {args.device}).')
+    else:
+        _logger.info(f'Training with a single process on device {args.device}.')
+    if utils.is_primary(args):
+        _logger.info(f'Code: {_code_version()}, torch {torch.__version__}, timm {timm.__version__}')
+    assert args.rank >= 0
+    if args.aug_repeats and not args.distributed:
+        raise FatalError(f'--aug-repeats {args.aug_repeats:g} needs distributed training (timm\'s RepeatAugSampler); '
+                         f'launch with ./distributed_train.sh N ... or drop --aug-repeats')
+    if args.sync_bn and args.distributed and device.type == 'cpu':
+        raise FatalError('--sync-bn needs GPUs (torch SyncBatchNorm does not run on CPU); drop --sync-bn for CPU runs')
+    return device
+
+
+def _code_version() -> str:
+    """The git commit of this checkout ('+changes' when tracked files differ), or 'not a git checkout'."""
+    git = partial(subprocess.run, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
+                  timeout=10)
+    try:
+        sha = git(['git', 'rev-parse', '--short=12', 'HEAD'], check=True).stdout.strip()
+        dirty = git(['git', 'status', '--porcelain', '--untracked-files=no']).stdout.strip()
+    except (OSError, subprocess.SubprocessError):
+        return 'not a git checkout'
+    return f"git {sha}{'+changes' if dirty else ''}"
+
+
+def _create_datasets(args):
+    """Train and eval datasets (eval: None without --val-split); sets args.num_classes from the class folders."""
+    if not args.dataset:
+        check_data_dir(args.data_dir, (args.train_split,))
+    dataset_train = create_dataset(
+        args.dataset, root=args.data_dir, split=args.train_split, is_training=True, class_map=args.class_map,
+        download=args.dataset_download, batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats,
+        input_img_mode=args.input_img_mode, num_samples=args.train_num_samples,
+    )
+    dataset_eval = None
+    if args.val_split:
+        dataset_eval = create_dataset(
+            args.dataset, root=args.data_dir, split=args.val_split, is_training=False, class_map=args.class_map,
+            download=args.dataset_download, batch_size=args.batch_size, input_img_mode=args.input_img_mode,
+            num_samples=args.val_num_samples,
+        )
+    data_classes = num_classes(dataset_train)
+    if args.num_classes is None:
+        args.num_classes = data_classes
+    elif data_classes is not None and data_classes != args.num_classes:
+        raise FatalError(f'--num-classes {args.num_classes} does not match the {data_classes} classes found in '
+                         f'{args.data_dir}/{args.train_split}; drop --num-classes or fix the data folder')
+    if not len(dataset_train):
+        raise FatalError(f'the train split of {args.data_dir} holds no images')
+    # unreadable / corrupt images: skipped, named in the log, counted against --max-bad-images
+    return (guard_bad_images(dataset_train, args.max_bad_images, args.train_split),
+            guard_bad_images(dataset_eval, args.max_bad_images, args.val_split))
+
+
+def _create_task(args, model, data_config, device, in_chans):
+    """The frozen teacher (for a distiller) and the training task around ``model``."""
+    teacher = None
+    if args.distiller != 'none':
+        resolve_teacher_img_size(args)
+        try:
+            teacher = create_teacher(
+                args.teacher, num_classes=args.num_classes, in_chans=in_chans,
+                checkpoint=args.teacher_checkpoint or None, img_size=args.teacher_img_size, **args.teacher_kwargs)
+        except TeacherLoadError as e:
+            raise FatalError(str(e)) from None
+    img_size = tuple(data_config['input_size'][-2:])
+    task = build_task(
+        args.distiller, model, teacher, criterion_kwargs=criterion_kwargs(args), device=device,
+        **task_kwargs(args, img_size), mean=data_config['mean'], std=data_config['std'],
+    )
+    if utils.is_primary(args) and teacher is not None:
+        n_extra = sum(p.numel() for p in task.get_trainable_module().parameters()) - \
+            sum(p.numel() for p in model.parameters())
+        _logger.info(f'Teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params '
+                     f'(frozen, {args.teacher_mode} mode); distillation adds {n_extra / 1e6:.2f} M trained params')
+        for k, w in getattr(task, 'loss_weights', {}).items():
+            _logger.info(f'  loss weight {k}: {w:g}')
+    if hasattr(task, 'check_geometry'):  # ScaleKD: log the grids, refuse a term that is constant by construction
+        task.check_geometry(args.scalekd_allow_degenerate, _logger if utils.is_primary(args) else None)
+    return task
+
+
+def _resolve_lr(args):
+    """args.lr from --lr-base scaled by the global batch (timm's rule: linear, sqrt for adaptive optimizers)."""
+    global_batch_size = args.batch_size * args.world_size * args.grad_accum_steps
+    batch_ratio = global_batch_size / args.lr_base_size
+    if not args.lr_base_scale:
+        on = args.opt.lower()
+        args.lr_base_scale = 'sqrt' if any(o in on for o in ('ada', 'lamb')) else 'linear'
+    if args.lr_base_scale == 'sqrt':
+        batch_ratio = batch_ratio ** 0.5
+    args.lr = args.lr_base * batch_ratio
+    if utils.is_primary(args):
+        _logger.info(f'Learning rate ({args.lr}) calculated from base learning rate ({args.lr_base}) '
+                     f'and effective global batch size ({global_batch_size}) with {args.lr_base_scale} scaling.')
+
+
+def _resume(args, task, optimizer, loss_scaler, resume_path, config):
+    """Load ``resume_path`` (if any) into the task, optimizer and scaler.
+
+    Returns (first epoch, first batch in it, the checkpoint's exact-resume state or None): --start-epoch,
+    else the epoch after the checkpoint's, or for a recovery checkpoint the next unseen batch of its epoch.
+    """
+    resume_epoch, extras = None, None
+    if resume_path:
+        try:
+            resume_epoch = resume_task_checkpoint(
+                task, resume_path, optimizer=None if args.no_resume_opt else optimizer,
+                loss_scaler=None if args.no_resume_opt else loss_scaler, log_info=utils.is_primary(args))
+        except FileNotFoundError:
+            raise FatalError(f"--resume checkpoint '{resume_path}' does not exist") from None
+        except RuntimeError as e:
+            raise FatalError(f"--resume checkpoint '{resume_path}' does not fit this run: {str(e)[:500]}") from None
+        extras = load_state_extras(resume_path, config, rank=args.rank, world_size=args.world_size,
+                                   force=args.resume_force)
+    start_epoch = args.start_epoch if args.start_epoch is not None else resume_epoch or 0
+    if extras is not None and extras.get('batch_idx') is not None:
+        # a mid-epoch (recovery) checkpoint: continue inside its epoch, at the next unseen batch
+        start_epoch, resume_batch = extras['epoch'], extras['batch_idx'] + 1
+        if resume_batch % args.grad_accum_steps:
+            raise FatalError('a recovery checkpoint inside a gradient-accumulation group cannot be resumed exactly')
+        return start_epoch, resume_batch, extras
+    return start_epoch, 0, extras
+
+
+def _create_mixup(args):
+    """(collate_fn, mixup_fn): timm's FastCollateMixup with the prefetcher, else Mixup; (None, None) when off."""
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if not mixup_active:
+        return None, None
+    mixup_args = dict(
+        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+        label_smoothing=args.smoothing, num_classes=args.num_classes)
+    if args.prefetcher:
+        assert not args.aug_splits, 'collate conflict (cannot use aug splits with mixup + prefetcher)'
+        return FastCollateMixup(**mixup_args), None
+    return None, Mixup(**mixup_args)
+
+
+def _validate_student_and_ema(task, loader_eval, args, device, amp_autocast):
+    """The student's eval metrics, plus ``ema_*`` of its EMA when there is one."""
+    eval_metrics = evaluate(task.get_eval_model(), loader_eval, args, device, amp_autocast, logger=_logger)
+    if task.has_ema() and not args.model_ema_force_cpu:
+        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+            utils.distribute_bn(task.get_trainable_module(ema=True), args.world_size, args.dist_bn == 'reduce')
+        ema_metrics = evaluate(task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast,
+                               log_suffix=' (EMA)', logger=_logger)
+        eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
+    return eval_metrics
+
+
+def _write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir, first, has_eval):
+    """One summary.csv row (an epoch without validation keeps the eval columns, empty) and the eval scalars."""
+    lrs = [pg['lr'] for pg in optimizer.param_groups]
+    row_eval = eval_metrics
+    if eval_metrics is None and has_eval:
+        ema_cols = task.has_ema() and not args.model_ema_force_cpu
+        row_eval = OrderedDict((k, '') for k in ('loss', 'top1', 'top5') + (
+            ('ema_loss', 'ema_top1', 'ema_top5') if ema_cols else ()))
+    summary = os.path.join(output_dir, 'summary.csv')
+    utils.update_summary(epoch, train_metrics, row_eval, summary, lr=sum(lrs) / len(lrs),
+                         write_header=first and not os.path.exists(summary))
+    for k, v in (eval_metrics or {}).items():
+        writer.add_scalar(f'eval/{k}', v, epoch)
+    writer.flush()
+
+
 def create_train_loader(dataset, args, data_config, device, collate_fn=None, distributed=False,
                         persistent_workers=False):
-    """The run's training loader: timm's create_loader with the augmentation flags of ``args``.
-
-    Workers are not persistent by default so that every epoch re-seeds them from the epoch's seed
-    (exact resume).
-    """
+    """The run's training loader: timm's create_loader with the augmentation flags of ``args``. Workers are not
+    persistent by default, so that every epoch re-seeds them from the epoch's seed (exact resume)."""
     interpolation = args.train_interpolation
     if args.no_aug or not interpolation:
         interpolation = data_config['interpolation']
@@ -737,34 +750,11 @@ def create_train_loader(dataset, args, data_config, device, collate_fn=None, dis
     )
 
 
-def _num_classes(dataset):
+def num_classes(dataset):
+    """The class count of an ImageFolder-style dataset (None when it has no class folders)."""
     reader = getattr(dataset, 'reader', None)
     class_to_idx = getattr(reader, 'class_to_idx', None)
     return len(class_to_idx) if class_to_idx else None
-
-
-def _criterion_kwargs(args):
-    """The student's own loss, through timm's create_classification_loss."""
-    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
-    if args.bce_loss:
-        return dict(loss_type='bce', soft_targets=mixup_active, smoothing=args.smoothing,
-                    bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight)
-    return dict(loss_type='ce', soft_targets=mixup_active, smoothing=args.smoothing)
-
-
-def _task_kwargs(args, img_size):
-    """The one place where flags become distiller keyword arguments."""
-    if args.distiller == 'none':
-        return {}
-    kw = dict(teacher_mode=args.teacher_mode,
-              teacher_img_size=(args.teacher_img_size,) * 2 if args.teacher_img_size else None,
-              kd_weight=args.kd_weight, kd_temperature=args.kd_temperature)
-    if args.distiller == 'scalekd':
-        kw.update(img_size=img_size, student_s3=args.scalekd_student_s3, student_s4=args.scalekd_student_s4,
-                  alpha_s3=args.scalekd_alpha_s3, alpha_s4=args.scalekd_alpha_s4, heads_s3=args.scalekd_heads_s3,
-                  heads_s4=args.scalekd_heads_s4, softmax_scale=args.scalekd_softmax_scale,
-                  cap_norm=args.scalekd_cap_norm, tail_blocks=args.scalekd_tail_blocks)
-    return kw
 
 
 def _output_dir(args, img_size):
@@ -773,74 +763,30 @@ def _output_dir(args, img_size):
     return os.path.join(args.output or './output/train', exp_name)
 
 
-def _checkpoint_extras(args):
-    from runtime import run_config
-    return {'run_config': run_config(args)}
-
-
-class RunTimer:
-    """Seconds per update (running mean) -> ETA of the epoch and of the run."""
-
-    def __init__(self, done_updates, total_updates):
-        self.done = done_updates
-        self.total = total_updates
-        self.meter = utils.AverageMeter()
-
-    def update(self, seconds):
-        self.done += 1
-        self.meter.update(seconds)
-
-    def eta(self, left_in_epoch):
-        fmt = lambda s: time.strftime('%H:%M:%S', time.gmtime(max(0, s)))
-        return fmt(left_in_epoch * self.meter.avg), fmt((self.total - self.done) * self.meter.avg)
-
-
-def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
-    """One epoch of updates. Returns the epoch's metrics, or None when a stop signal ended it early.
-
-    ``start_batch`` > 0 resumes inside the epoch from a recovery checkpoint's ``resume_state``: the
-    batches before it are drawn (same sampler order and augmentation RNG) but not trained, and the
-    RNG is put back to the saved states before each of the loader's next two fetches (timm's
-    prefetcher loads one batch ahead), so training continues bitwise as if never stopped.
-    """
-    args, task, optimizer = ctx['args'], ctx['task'], ctx['optimizer']
-    loss_scaler, amp_autocast, device = ctx['loss_scaler'], ctx['amp_autocast'], ctx['device']
-    saver, writer, lr_scheduler, guard = ctx['saver'], ctx['writer'], ctx['lr_scheduler'], ctx['guard']
+def train_one_epoch(
+        epoch, task, loader, optimizer, args, device=torch.device('cuda'), lr_scheduler=None, saver=None,
+        writer=None, amp_autocast=suppress, loss_scaler=None, mixup_fn=None, guard=None, timer=None,
+        position=None, output_dir='', measure_balance=False,
+):
+    """One epoch of updates; its metrics, or None when a stop signal ended it early. ``position``
+    (runtime.resume.EpochPosition) resumes inside the epoch from a recovery checkpoint (skip + RNG replay)."""
     # every epoch starts from its own seed, so a resumed run sees the same sampler order and worker seeds
     utils.random_seed(args.seed + epoch * 4099, args.rank)
     task.train()
+    position = position or EpochPosition()
 
     accum_steps = args.grad_accum_steps
     num_batches = len(loader)
     updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
     last_accum_steps = num_batches % accum_steps or accum_steps
     last_batch_idx_to_accum = num_batches - last_accum_steps
-    num_updates = epoch * updates_per_epoch + start_batch // accum_steps
-    if start_batch % accum_steps:
-        raise FatalError('a recovery checkpoint inside a gradient-accumulation group cannot be resumed exactly')
-
-    term_sums = OrderedDict()  # loss term -> (sum over samples) on this rank
-    sample_count = 0
-    resume_state = resume_state or {}
-    if resume_state.get('epoch_sums'):  # the epoch's sums before the stop (all ranks) go to rank 0
-        saved = resume_state['epoch_sums']
-        term_sums = OrderedDict((k, v.to(device) if utils.is_primary(args) else torch.zeros_like(v, device=device))
-                                for k, v in saved['terms'].items())
-        sample_count = saved['count'] if utils.is_primary(args) else 0
-    rng_prev = None  # RNG state at the end of the previous batch (before the loader's next fetch)
-    data_time_m, update_time_m = utils.AverageMeter(), utils.AverageMeter()
-    images_per_s = utils.AverageMeter()
+    num_updates = epoch * updates_per_epoch + position.start_batch // accum_steps
+    sums = TermSums(device, args.distributed, position.saved.get('epoch_sums'), primary=utils.is_primary(args))
+    timer.start_epoch()
     optimizer.zero_grad()
-    update_sample_count = 0
-    data_start = update_start = time.time()
     for batch_idx, (input, target) in enumerate(loader):
-        if batch_idx < start_batch:  # resumed mid-epoch: these batches were trained before the stop
-            if batch_idx == start_batch - 2 and resume_state.get('rng_prev') is not None:
-                set_rng_state(resume_state['rng_prev'])
-            elif batch_idx == start_batch - 1 and resume_state.get('rng') is not None:
-                set_rng_state(resume_state['rng'])
-                rng_prev = resume_state['rng']  # the next recovery checkpoint needs it as its previous state
-            data_start = update_start = time.time()
+        if position.skip(batch_idx):  # resumed mid-epoch: this batch was trained before the stop
+            timer.restart()
             continue
         last_batch = batch_idx == num_batches - 1
         need_update = last_batch or (batch_idx + 1) % accum_steps == 0
@@ -848,51 +794,42 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
         accum = last_accum_steps if batch_idx >= last_batch_idx_to_accum else accum_steps
         if not args.prefetcher:
             input, target = input.to(device), target.to(device)
-            if ctx['mixup_fn'] is not None:
-                input, target = ctx['mixup_fn'](input, target)
+            if mixup_fn is not None:
+                input, target = mixup_fn(input, target)
         if args.channels_last:
             input = input.contiguous(memory_format=torch.channels_last)
-        data_time_m.update(time.time() - data_start)
-        if ctx['measure_balance'] and batch_idx == 0:
-            _log_loss_balance(args, task, input, target, amp_autocast, ctx['output_dir'])
+        timer.data_ready()
+        if measure_balance and batch_idx == 0:
+            _log_loss_balance(args, task, input, target, amp_autocast, output_dir)
+
+        def _backward(_loss, _terms):
+            clip_params = partial(task.get_clip_parameters, exclude_head='agc' in args.clip_mode)
+            if loss_scaler is not None:
+                if guard.skip_update(_terms, num_updates):
+                    return True
+                loss_scaler(_loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
+                            parameters=clip_params(), need_update=need_update)
+                return False
+            _loss.backward()
+            if need_update:
+                if guard.skip_update(guard.with_gradient(_terms, task.get_trainable_module().parameters()),
+                                     num_updates):
+                    return True
+                if args.clip_grad is not None:
+                    utils.dispatch_clip_grad(clip_params(), value=args.clip_grad, mode=args.clip_mode)
+                optimizer.step()
+            return False
 
         with (task.no_sync() if args.distributed and not need_update else suppress()):
             with amp_autocast():
                 out = task(input, target)
             terms = OrderedDict((k, v.detach()) for k, v in out.items() if k.startswith('loss'))
-            loss = out['loss'] / accum
-            skip = False
-            defer = guard.policy == 'abort'  # abort: checked at log/save points, no sync per update
-            if loss_scaler is not None:
-                skip = guard.observe(terms, num_updates) if defer else guard.check(terms, num_updates)
-                if not skip:
-                    loss_scaler(loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                                parameters=task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
-                                need_update=need_update)
-            else:
-                loss.backward()
-                if need_update:
-                    grads = [p.grad for p in task.get_trainable_module().parameters() if p.grad is not None]
-                    # per-tensor norms in a few fused kernels; inf/nan in any gradient makes its norm non-finite
-                    grad_ok = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all() if grads else None
-                    check = dict(terms)
-                    if grad_ok is not None:
-                        check['gradient'] = torch.where(grad_ok, 0.0, float('nan'))
-                    skip = guard.observe(check, num_updates) if defer else guard.check(check, num_updates)
-                    if not skip:
-                        if args.clip_grad is not None:
-                            utils.dispatch_clip_grad(
-                                task.get_clip_parameters(exclude_head='agc' in args.clip_mode),
-                                value=args.clip_grad, mode=args.clip_mode)
-                        optimizer.step()
-        bs = input.shape[0]
-        for k, v in terms.items():
-            term_sums[k] = term_sums.get(k, 0.) + v.float() * bs
-        sample_count += bs
-        update_sample_count += bs
+            skip = _backward(out['loss'] / accum, terms)
+        sums.add(terms, input.shape[0])
+        timer.samples += input.shape[0]
         if not need_update:
-            rng_prev = get_rng_state()
-            data_start = time.time()
+            position.batch_done()
+            timer.next_batch()
             continue
 
         num_updates += 1
@@ -901,57 +838,24 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
             task.update_ema(step=num_updates)
         if args.synchronize_step and device.type == 'cuda':
             torch.cuda.synchronize()
-        now = time.time()
-        update_time_m.update(now - update_start)
-        ctx['run_timer'].update(now - update_start)
-        images_per_s.update(update_sample_count * args.world_size / max(now - update_start, 1e-9))
-        update_start = now
-        update_sample_count = 0
+        timer.update_done()
 
         log_now = update_idx % args.log_interval == 0 or last_batch
         if log_now:
-            guard.flush()
-            lrl = [pg['lr'] for pg in optimizer.param_groups]
-            lr = sum(lrl) / len(lrl)
-            avg = _reduce_terms(term_sums, sample_count, args)
-            teacher_ms = task.pop_teacher_ms() if hasattr(task, 'pop_teacher_ms') else None
-            if utils.is_primary(args):
-                eta_epoch, eta_run = ctx['run_timer'].eta(updates_per_epoch - update_idx - 1)
-                terms_str = '  '.join(f'{k}: {v:.4f}' for k, v in avg.items())
-                wait = 100 * data_time_m.avg / max(update_time_m.avg, 1e-9)
-                # the rest of an update after data and teacher: student, projectors, losses, backward, step
-                step_ms = 1000 * (update_time_m.avg - data_time_m.avg * accum_steps)
-                split = f'Teacher: {teacher_ms:.1f} ms  Student+loss: {step_ms - teacher_ms * accum_steps:.1f} ms  ' \
-                    if teacher_ms is not None else ''
-                _logger.info(
-                    f'Train: {epoch} [{update_idx:>4d}/{updates_per_epoch} '
-                    f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  {terms_str}  '
-                    f'Time: {update_time_m.val:.3f}s, {images_per_s.val:>7.2f}/s ({update_time_m.avg:.3f}s, '
-                    f'{images_per_s.avg:>7.2f}/s)  LR: {lr:.3e}  Data: {data_time_m.avg:.3f} ({wait:.0f}% wait)  '
-                    f'{split}ETA epoch {eta_epoch} run {eta_run}')
-                step = num_updates
-                for k, v in avg.items():
-                    writer.add_scalar(f'train/{k}', v, step)
-                writer.add_scalar('train/lr', lr, step)
-                writer.add_scalar('train/img_per_s', images_per_s.avg, step)
-                writer.add_scalar('train/data_wait_pct', wait, step)
-                if teacher_ms is not None:
-                    writer.add_scalar('train/teacher_ms', teacher_ms, step)
-                    writer.add_scalar('train/student_loss_ms', step_ms - teacher_ms * accum_steps, step)
+            guard.flush()  # abort policy: a non-finite term of any update since the last check stops here
+            log_train_step(epoch, update_idx, updates_per_epoch, num_updates, sums.means(), optimizer, timer, writer,
+                           task.pop_teacher_ms() if hasattr(task, 'pop_teacher_ms') else None, accum_steps,
+                           primary=utils.is_primary(args))
 
-        # a stop signal is agreed on every update in one process; across ranks (a collective) at log
-        # points and every 10 updates, so the step itself has no host sync
+        # a stop signal: agreed on every update in one process, across ranks at log points and every 10 updates
         stop = stop_requested(args.distributed, device) if not args.distributed or log_now or \
             num_updates % 10 == 0 else False
         if stop or (args.recovery_interval and num_updates % args.recovery_interval == 0 and not last_batch):
             guard.flush()
-            rng = gather_rng_states(args.distributed)
-            rng_prev_all = gather_rng_states(args.distributed, capture_rng_state(rng_prev) if rng_prev else None)
-            epoch_sums = _reduce_sums(term_sums, sample_count, args)
+            run_state = dict(**position.rng_states(args.distributed), epoch_sums=sums.state(),
+                             nonfinite_skipped=guard.skipped)
             if saver is not None:
-                saver.rng_states = rng
-                saver.extra_state.update(nonfinite_skipped=guard.skipped, rng_prev=rng_prev_all, epoch_sums=epoch_sums)
-                saver.save_recovery(epoch, batch_idx=batch_idx)
+                saver.save_recovery(epoch, batch_idx, run_state=run_state)
             if stop:
                 if utils.is_primary(args):
                     _logger.warning(f'Stopped at epoch {epoch} batch {batch_idx}; recovery checkpoint written. '
@@ -960,100 +864,13 @@ def train_one_epoch(epoch, loader, ctx, start_batch=0, resume_state=None):
 
         if lr_scheduler is not None:
             lr_scheduler.step_update(num_updates=num_updates, metric=None)
-        rng_prev = get_rng_state()
-        data_start = time.time()
+        position.batch_done()
+        timer.next_batch()
 
     if hasattr(optimizer, 'sync_lookahead'):
         optimizer.sync_lookahead()
-    metrics = _reduce_terms(term_sums, sample_count, args)
-    metrics['img_per_s'] = images_per_s.avg
-    metrics['data_time'] = data_time_m.avg
-    metrics['nonfinite_skipped'] = guard.skipped
-    return metrics
-
-
-def _reduce_sums(term_sums, count, args):
-    """Sums of each loss term and the sample count over all ranks (for a recovery checkpoint)."""
-    keys = list(term_sums)
-    t = torch.stack([term_sums[k].float() for k in keys] + [torch.tensor(float(count), device=args.device)])
-    if args.distributed:
-        dist.all_reduce(t)
-    t = t.cpu()
-    return {'terms': OrderedDict((k, t[i].clone()) for i, k in enumerate(keys)), 'count': int(t[-1].item())}
-
-
-def _reduce_terms(term_sums, count, args):
-    """Mean of each loss term over the samples of all ranks (one host sync)."""
-    if not term_sums:
-        return OrderedDict()
-    keys = list(term_sums)
-    t = torch.stack([term_sums[k].float() for k in keys])
-    t = torch.cat([t, t.new_tensor([float(count)])])
-    if args.distributed:
-        dist.all_reduce(t)
-    t = t.cpu()
-    return OrderedDict((k, (t[i] / max(t[-1], 1)).item()) for i, k in enumerate(keys))
-
-
-@torch.no_grad()
-def validate(model, loader, args, device, amp_autocast=suppress, log_suffix='', max_batches=None):
-    """Top-1 / top-5 / loss of ``model`` on ``loader``, reduced over ranks."""
-    loss_fn = nn.CrossEntropyLoss().to(device)
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, n
-    start = time.time()
-    for batch_idx, (input, target) in enumerate(loader):
-        if max_batches is not None and batch_idx >= max_batches:
-            break
-        if not args.prefetcher:
-            input, target = input.to(device), target.to(device)
-        if args.channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
-        with amp_autocast():
-            output = model(input)
-            if isinstance(output, (tuple, list)):
-                output = output[0]
-        loss = loss_fn(output.float(), target)
-        k = min(5, output.shape[-1])
-        acc1, acc5 = utils.accuracy(output, target, topk=(1, k))
-        n = input.shape[0]
-        sums += torch.stack([loss * n, acc1 * n, acc5 * n, torch.tensor(float(n), device=device)]).double()
-    if args.distributed:
-        dist.all_reduce(sums)
-    sums = sums.cpu()
-    n = max(sums[3].item(), 1)
-    metrics = OrderedDict([('loss', sums[0].item() / n), ('top1', sums[1].item() / n), ('top5', sums[2].item() / n)])
-    model.train(was_training)
-    if utils.is_primary(args):
-        _logger.info(f'Test{log_suffix}: Loss: {metrics["loss"]:.4f}  Acc@1: {metrics["top1"]:.3f}  '
-                     f'Acc@5: {metrics["top5"]:.3f}  ({int(n)} images, {time.time() - start:.1f}s)')
-    return metrics
-
-
-def _check_geometry(args, task):
-    """Log the ScaleKD grids; refuse a term that is constant by construction before anything is written."""
-    g = task.geometry
-    fmt = lambda hw: f'{hw[0]}x{hw[1]}'
-    if utils.is_primary(args):
-        _logger.info(f"ScaleKD grids at {fmt(g['img_size'])} px: student stage-3 {fmt(g['student_s3'])}, stage-4 "
-                     f"{fmt(g['student_s4'])}; teacher stage-3 {fmt(g['teacher_s3'])}, stage-4 {fmt(g['teacher_s4'])}; "
-                     f"projector queries stage-3 {fmt(g['query_s3'])}, stage-4 {fmt(g['query_s4'])}")
-    if not task.constant_terms:
-        return
-    problems = '; '.join(f'{k}: {why}' for k, why in task.constant_terms.items())
-    if args.scalekd_allow_degenerate:
-        if utils.is_primary(args):
-            _logger.warning(f'--scalekd-allow-degenerate: training with terms that are constant by construction '
-                            f'(no gradient): {problems}')
-        return
-    stages = sorted({k.split('_')[1] for k in task.constant_terms})
-    raise FatalError(
-        f"ScaleKD at --img-size {g['img_size'][-1]}: {problems}. The mean-removed (alternative) view of a spatially "
-        f"constant map is zero and teaches nothing. Fix: a larger --img-size (the student's tapped maps need more than "
-        f"one position), an earlier tap ({' / '.join(f'--scalekd-student-{s} IDX' for s in stages)}), or that view's "
-        f"weight set to 0 ({' / '.join(f'--scalekd-alpha-{s} DIRECT 0' for s in stages)}); or pass "
-        f"--scalekd-allow-degenerate to train with it anyway")
+    return OrderedDict(sums.means(), img_per_s=timer.images_per_s.avg, data_time=timer.data.avg,
+                       nonfinite_skipped=guard.skipped)
 
 
 def _log_loss_balance(args, task, input, target, amp_autocast, output_dir):
@@ -1073,31 +890,6 @@ def _log_loss_balance(args, task, input, target, amp_autocast, output_dir):
         _logger.warning(f'{k} sends {ratio:.3g}x the gradient of {ref} into the student (limit '
                         f'--loss-balance-factor {args.loss_balance_factor:g}): it will dominate training. Lower its '
                         f'weight, or check the inputs and the teacher')
-
-
-def _check_teacher(args, task, loader_eval, amp_autocast, device):
-    """--teacher-min-top1: catch wrong weights, class counts, normalisation or data before step 0."""
-    if loader_eval is None:
-        raise FatalError('--teacher-min-top1 needs a validation split (--val-split)')
-    teacher = getattr(task, 'teacher', None)
-    if teacher is None:
-        raise FatalError('--teacher-min-top1 needs a teacher (--distiller kd or scalekd)')
-
-    class _TeacherOnStudentInput(nn.Module):
-        def __init__(self):
-            super().__init__()
-            self.t = teacher
-
-        def forward(self, x):
-            return teacher(task.teacher_input(x))
-
-    metrics = validate(_TeacherOnStudentInput(), loader_eval, args, device, amp_autocast, log_suffix=' (teacher)',
-                       max_batches=args.teacher_check_batches)
-    task.train()
-    if metrics['top1'] < args.teacher_min_top1:
-        raise FatalError(f"teacher '{args.teacher}' reaches top-1 {metrics['top1']:.2f} on the validation split, "
-                         f"below --teacher-min-top1 {args.teacher_min_top1}: check the teacher weights and its "
-                         f"class count, the normalisation (--mean/--std) and the data")
 
 
 if __name__ == '__main__':

@@ -14,8 +14,6 @@ import argparse
 import csv
 import json
 import logging
-import os
-import pickle
 import sys
 import time
 from collections import OrderedDict
@@ -23,26 +21,25 @@ from contextlib import suppress
 from functools import partial
 from typing import Any, Dict, Optional, Tuple
 
-import safetensors
-import safetensors.torch
 import torch
+import torch.distributed as dist
 import torch.nn as nn
 
 from timm import utils
 from timm.data import RealLabelsImagenet, create_dataset, create_loader, resolve_data_config
-from timm.models import clean_state_dict, create_model, get_pretrained_cfg_value, is_model, split_model_name_tag
+from timm.models import create_model, get_pretrained_cfg_value, is_model, split_model_name_tag
 
 import models  # noqa: F401  registers the demo / paper student variants
-from config import RecipeError, coerce_value, read_recipe
+from config import SETTING_KEYS, RecipeError, coerce_value, read_recipe, run_settings
 from distillers import TeacherLoadError, create_teacher
-from distillers.teacher import _describe_mismatch
-from runtime import FatalError, check_data_dir, log_startup_error
+from distillers.base import TeacherOnStudentInput
+from runtime.checkpoint import load_strict, read_checkpoint
+from runtime.data import check_data_dir
+from runtime.errors import FatalError, log_startup_error, short
 
 _logger = logging.getLogger('validate')
 
-# what a recipe, a checkpoint's args or an export's metadata may set (argparse dest names of train_kd.py)
-SETTING_KEYS = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'gp', 'bn_eps', 'img_size', 'input_size',
-                'crop_pct', 'mean', 'std', 'interpolation')
+STRICT_HINT = 'Pass the --model, --model-kwargs and --num-classes it was trained with (or --config)'
 DATA_KEYS = ('img_size', 'input_size', 'in_chans', 'crop_pct', 'crop_mode', 'mean', 'std', 'interpolation')
 
 
@@ -94,60 +91,6 @@ def _parser() -> argparse.ArgumentParser:
     return p
 
 
-def _short(e: Exception) -> str:
-    return f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}'
-
-
-def load_weights_only(path: str, what: str = '--checkpoint') -> Any:
-    """torch.load with weights_only=True (plus argparse.Namespace); one clear error for any bad file."""
-    if not os.path.isfile(path):
-        raise FatalError(f"{what} '{path}' does not exist")
-    try:
-        with torch.serialization.safe_globals([argparse.Namespace]):
-            return torch.load(path, map_location='cpu', weights_only=True)
-    except pickle.UnpicklingError:
-        unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
-        raise FatalError(f"{what} '{path}' was refused: loading it would import {', '.join(unsafe) or 'code'}, "
-                         f"and a pickle that imports code can run it. Only weights-only checkpoints are read; "
-                         f"re-save its state_dict in a trusted environment (or use export.py)") from None
-    except Exception as e:
-        raise FatalError(f"{what} '{path}' cannot be read ({_short(e)}); it is truncated or not a PyTorch "
-                         f"checkpoint") from None
-
-
-def run_settings(ckpt_args: argparse.Namespace) -> Dict[str, Any]:
-    """The model / preprocessing settings of a training run, from the ``args`` in its checkpoint."""
-    return {k: v for k, v in vars(ckpt_args).items() if k in SETTING_KEYS and v not in (None, '', {}, [])}
-
-
-def read_checkpoint(path: str, use_ema: bool = False, what: str = '--checkpoint') -> Tuple[dict, dict, str]:
-    """Read weights safely. Returns (state_dict, settings of the run, which entry was used)."""
-    if path.endswith('.safetensors') and os.path.isfile(path):
-        try:
-            with safetensors.safe_open(path, 'pt') as f:
-                meta = f.metadata() or {}
-            return safetensors.torch.load_file(path), json.loads(meta.get('scalekd', '{}')), 'file'
-        except Exception as e:
-            raise FatalError(f"{what} '{path}' is not a readable safetensors file ({_short(e)}); "
-                             f"export it again with export.py") from None
-    ckpt = load_weights_only(path, what)
-    if not isinstance(ckpt, dict):
-        raise FatalError(f"{what} '{path}' holds a {type(ckpt).__name__}, not a state dict or checkpoint")
-    settings = run_settings(ckpt['args']) if isinstance(ckpt.get('args'), argparse.Namespace) else {}
-    key = next((k for k in (('state_dict_ema', 'model_ema') if use_ema else ()) + ('state_dict', 'model')
-                if isinstance(ckpt.get(k), dict)), '')
-    if use_ema and key not in ('state_dict_ema', 'model_ema'):
-        raise FatalError(f"{what} '{path}' has no EMA weights (state_dict_ema; the run had no --model-ema); "
-                         f"drop --use-ema")
-    state = ckpt[key] if key else ckpt
-    if not state or not all(isinstance(v, torch.Tensor) for v in state.values()):
-        raise FatalError(f"{what} '{path}' holds no state dict of tensors (keys: {', '.join(list(ckpt)[:8])})")
-    if any(k.startswith('student.') for k in state):
-        raise FatalError(f"{what} '{path}' is a checkpoint of the official ScaleKD code (student.* keys); convert "
-                         f"it first: python export.py --from-official --model NAME --checkpoint {path} --output F")
-    return clean_state_dict(state), settings, key or 'file'
-
-
 def _recipe_settings(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
     """The recipe's values for keys this script has a flag for; the others belong to training and are ignored."""
     actions = {a.dest: a for a in parser._actions}
@@ -172,22 +115,11 @@ def _infer_num_classes(model_name: str, state: dict) -> Optional[int]:
     return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
 
 
-def load_strict(model: nn.Module, state: dict, path: str, desc: str) -> None:
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    shapes = sorted(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in own
-                    if k in state and state[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        raise FatalError(f"checkpoint '{path}' does not fit {desc}: {_describe_mismatch(missing, unexpected, shapes)}."
-                         f" Pass the --model, --model-kwargs and --num-classes it was trained with (or --config)")
-    model.load_state_dict(state, strict=True)
-
-
 def _build_student(args, settings: Dict[str, Any]) -> Tuple[nn.Module, str, bool]:
     state, weights = None, 'pretrained'
     if args.checkpoint:
-        state, ck, weights = read_checkpoint(args.checkpoint, args.use_ema)
+        state, run_args, weights = read_checkpoint(args.checkpoint, args.use_ema)
+        ck = run_settings(run_args)
         if args.model and ck.get('model') and ck['model'] != args.model:
             _logger.warning(f"checkpoint was trained as {ck['model']}, evaluated as {args.model}; its settings unused")
             ck = {}
@@ -208,7 +140,7 @@ def _build_student(args, settings: Dict[str, Any]) -> Tuple[nn.Module, str, bool
                          global_pool=args.gp, bn_eps=getattr(args, 'bn_eps', None), **(args.model_kwargs or {}))
     if state is not None:
         load_strict(model, state, args.checkpoint, f'--model {args.model} (num_classes={model.num_classes}, '
-                                                    f'model_kwargs={args.model_kwargs or {}})')
+                                                    f'model_kwargs={args.model_kwargs or {}})', STRICT_HINT)
     _logger.info(f"Model {args.model} created from '{args.checkpoint or 'pretrained weights'}' ({weights})")
     return model, weights, bool(settings)
 
@@ -228,7 +160,7 @@ def _build_teacher(args, settings: Dict[str, Any]) -> nn.Module:
     except TeacherLoadError as e:
         raise FatalError(str(e)) from None
     except Exception as e:  # hub weights unavailable (offline) or bad kwargs
-        raise FatalError(f"teacher '{args.teacher}' cannot be created ({_short(e)}); pass --teacher-checkpoint "
+        raise FatalError(f"teacher '{args.teacher}' cannot be created ({short(e)}); pass --teacher-checkpoint "
                          f"PATH for local weights") from None
 
 
@@ -245,7 +177,7 @@ def validate_main(argv=None, settings: Optional[Dict[str, Any]] = None) -> Dict[
     try:
         dataset = create_dataset(args.dataset, root=args.data_dir, split=args.split, class_map=args.class_map)
     except Exception as e:  # no images, bad class map
-        raise FatalError(f"cannot read split '{args.split}' of '{args.data_dir}' ({_short(e)})") from None
+        raise FatalError(f"cannot read split '{args.split}' of '{args.data_dir}' ({short(e)})") from None
     data_classes = len(getattr(getattr(dataset, 'reader', None), 'class_to_idx', None) or {}) or None
 
     for k, v in recipe.items():  # the command line wins over the recipe
@@ -283,7 +215,7 @@ def validate_main(argv=None, settings: Optional[Dict[str, Any]] = None) -> Dict[
             real_labels = RealLabelsImagenet(dataset.filenames(basename=True), real_json=args.real_labels)
         except (AssertionError, OSError, ValueError) as e:
             raise FatalError(f"--real-labels '{args.real_labels}' does not fit {args.data_dir}/{args.split} "
-                             f"({_short(e)}); it needs the 50,000-image ImageNet validation set") from None
+                             f"({short(e)}); it needs the 50,000-image ImageNet validation set") from None
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else suppress
 
@@ -292,13 +224,8 @@ def validate_main(argv=None, settings: Optional[Dict[str, Any]] = None) -> Dict[
     start = end = time.time()
     with torch.inference_mode():
         for batch_idx, (input, target) in enumerate(loader):
-            if not args.prefetcher:
-                input, target = input.to(device), target.to(device)
-            if args.channels_last:
-                input = input.contiguous(memory_format=torch.channels_last)
-            with amp_autocast():
-                output = model(input)
-            output = (output[0] if isinstance(output, (tuple, list)) else output).float()
+            output, input, target = forward_batch(model, input, target, args, device, amp_autocast)
+            output = output.float()
             if real_labels is not None:
                 real_labels.add_result(output)
             acc1, acc5 = utils.accuracy(output, target, topk=(1, min(5, output.shape[-1])))
@@ -327,6 +254,63 @@ def validate_main(argv=None, settings: Optional[Dict[str, Any]] = None) -> Dict[
     if args.results_file:
         _write_results(args.results_file, results, args.results_format)
     return results
+
+
+def forward_batch(model, input, target, args, device, amp_autocast=suppress):
+    """(output, input, target) of one eval batch: on the device (unless the prefetcher put it there),
+    channels_last when asked, the model's first output under autocast."""
+    if not args.prefetcher:
+        input, target = input.to(device), target.to(device)
+    if args.channels_last:
+        input = input.contiguous(memory_format=torch.channels_last)
+    with amp_autocast():
+        output = model(input)
+        if isinstance(output, (tuple, list)):
+            output = output[0]
+    return output, input, target
+
+
+@torch.no_grad()
+def evaluate(model, loader, args, device, amp_autocast=suppress, log_suffix='', max_batches=None, logger=_logger):
+    """Top-1 / top-5 / loss of ``model`` on ``loader``, reduced over ranks (train_kd.py's epoch-end validation)."""
+    loss_fn = nn.CrossEntropyLoss().to(device)
+    was_training = model.training
+    model.eval()
+    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, n
+    start = time.time()
+    for batch_idx, (input, target) in enumerate(loader):
+        if max_batches is not None and batch_idx >= max_batches:
+            break
+        output, input, target = forward_batch(model, input, target, args, device, amp_autocast)
+        loss = loss_fn(output.float(), target)
+        acc1, acc5 = utils.accuracy(output, target, topk=(1, min(5, output.shape[-1])))
+        n = input.shape[0]
+        sums += torch.stack([loss * n, acc1 * n, acc5 * n, torch.tensor(float(n), device=device)]).double()
+    if args.distributed:
+        dist.all_reduce(sums)
+    sums = sums.cpu()
+    n = max(sums[3].item(), 1)
+    metrics = OrderedDict([('loss', sums[0].item() / n), ('top1', sums[1].item() / n), ('top5', sums[2].item() / n)])
+    model.train(was_training)
+    if utils.is_primary(args):
+        logger.info(f'Test{log_suffix}: Loss: {metrics["loss"]:.4f}  Acc@1: {metrics["top1"]:.3f}  '
+                    f'Acc@5: {metrics["top5"]:.3f}  ({int(n)} images, {time.time() - start:.1f}s)')
+    return metrics
+
+
+def check_teacher(task, loader_eval, args, device, amp_autocast=suppress, logger=_logger):
+    """--teacher-min-top1: catch wrong weights, class counts, normalisation or data before step 0."""
+    if loader_eval is None:
+        raise FatalError('--teacher-min-top1 needs a validation split (--val-split)')
+    if getattr(task, 'teacher', None) is None:
+        raise FatalError('--teacher-min-top1 needs a teacher (--distiller kd or scalekd)')
+    metrics = evaluate(TeacherOnStudentInput(task), loader_eval, args, device, amp_autocast, log_suffix=' (teacher)',
+                       max_batches=args.teacher_check_batches, logger=logger)
+    task.train()
+    if metrics['top1'] < args.teacher_min_top1:
+        raise FatalError(f"teacher '{args.teacher}' reaches top-1 {metrics['top1']:.2f} on the validation split, "
+                         f"below --teacher-min-top1 {args.teacher_min_top1}: check the teacher weights and its "
+                         f"class count, the normalisation (--mean/--std) and the data")
 
 
 def _write_results(path: str, results: Dict[str, Any], fmt: str) -> None:

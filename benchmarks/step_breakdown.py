@@ -56,10 +56,8 @@ import models  # noqa: E402,F401  registers the demo models
 import train_kd  # noqa: E402
 from config import parse_args_with_recipe  # noqa: E402
 from distillers import build_task  # noqa: E402
+from distillers.flags import criterion_kwargs, task_kwargs  # noqa: E402
 from distillers.base import kd_loss  # noqa: E402
-from distillers.dfm import feature_distance  # noqa: E402
-from distillers.scalekd import VIEWS  # noqa: E402
-from distillers.tpp import perceive  # noqa: E402
 from models.features import forward_student  # noqa: E402
 from benchmarks.reference_step import reference_forward  # noqa: E402
 
@@ -123,7 +121,7 @@ def _bench_parser():
 
 def parse_args(argv=None):
     bench, rest = _bench_parser().parse_known_args(argv)
-    parser = train_kd._parser()
+    parser = train_kd.build_parser()
     args, _ = parse_args_with_recipe(parser, rest)
     if not args.teacher:
         parser.error('the benchmark needs a teacher: pass --teacher NAME (e.g. swin_large_patch4_window7_224) '
@@ -236,7 +234,7 @@ def build(args, bench):
     if args.data_dir:
         dataset = create_dataset(args.dataset, root=args.data_dir, split=args.train_split, is_training=True,
                                  class_map=args.class_map, input_img_mode=args.input_img_mode)
-        num_classes = num_classes or train_kd._num_classes(dataset)
+        num_classes = num_classes or train_kd.num_classes(dataset)
     num_classes = num_classes or 1000
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
 
@@ -253,9 +251,9 @@ def build(args, bench):
 
     data_config = resolve_data_config(vars(args), model=student, verbose=False)
     img_size = tuple(data_config['input_size'][-2:])
-    task = build_task('scalekd', student, teacher, criterion_kwargs=train_kd._criterion_kwargs(args), device=device,
+    task = build_task('scalekd', student, teacher, criterion_kwargs=criterion_kwargs(args), device=device,
                       mean=data_config['mean'], std=data_config['std'], verbose=False,
-                      **train_kd._task_kwargs(args, img_size))
+                      **task_kwargs(args, img_size))
     task.to(device=device)
     if args.channels_last:
         task.to(memory_format=torch.channels_last)
@@ -301,21 +299,12 @@ class LoaderCycle:
 
 # --- the parts ----------------------------------------------------------------------------------
 def heads_forward(task, s3, s4, logits, teacher_logits, t4):
-    """The ScaleKD terms after the student: projectors, teacher tail, feature and KD losses."""
-    module = unwrap_model(task.trainable_module)
-    caps = module.caps
-    views = [v for v in VIEWS if f's3_{v}' in caps]
-    p3 = [caps[f's3_{v}'].to_map(caps[f's3_{v}'](s3)) for v in views]
-    r3 = dict(zip(views, perceive(task.tail, p3)))
-    maps = {f'r3_{v}': r3[v] for v in views}
-    for v in views:
-        if f's4_{v}' in caps:
-            maps[f'p4_{v}'] = caps[f's4_{v}'].to_map(caps[f's4_{v}'](s4, queries=r3[v]))
+    """The ScaleKD terms after the student, through the task's own methods: projectors and teacher tail
+    (``ScaleKDModule.heads``), feature losses (``ScaleKDTask.feature_losses``) and logit KD, weighted."""
+    maps = unwrap_model(task.trainable_module).heads(s3, s4)
     loss = task.loss_weights['loss_kd'] * kd_loss(logits, teacher_logits, task.kd_temperature)
-    for stage, prefix in (('s3', 'r3'), ('s4', 'p4')):
-        for i, (v, suffix) in enumerate(zip(VIEWS, ('', '_alt'))):
-            if task.alpha[stage][i]:
-                loss = loss + task.alpha[stage][i] * feature_distance(maps[f'{prefix}_{v}'], t4, alternative=i == 1)
+    for k, v in task.feature_losses(maps, t4).items():
+        loss = loss + task.loss_weights[k] * v
     return loss
 
 

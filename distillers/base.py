@@ -109,6 +109,19 @@ class DistillTask(TrainingTask):
         return self
 
 
+class TeacherOnStudentInput(nn.Module):
+    """The task's teacher as a model of the student's batch (re-normalised, resized): evaluates the teacher
+    on the data the student sees (train_kd.py --teacher-min-top1)."""
+
+    def __init__(self, task: DistillTask):
+        super().__init__()
+        self.t = task.teacher
+        self._task = [task]  # not a submodule
+
+    def forward(self, x: torch.Tensor) -> torch.Tensor:
+        return self.t(self._task[0].teacher_input(x))
+
+
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Soft-target cross-entropy T^2 * mean_b(-sum_k p_t log p_s), p = softmax(z / T), in fp32.
 

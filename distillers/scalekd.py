@@ -14,6 +14,7 @@ The trainable module holds the student and the four projectors, so DDP and the E
 the trained parameters; the teacher stays outside both. The student stays a plain timm model:
 checkpoints store it as ``state_dict`` and the projectors as ``task_state``.
 """
+import logging
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -23,6 +24,7 @@ from timm.utils import unwrap_model
 
 from models.features import StudentTaps, forward_student, forward_teacher, resolve_student_taps
 from models.tails import TeacherTail
+from runtime.errors import FatalError
 from .base import DistillTask, kd_loss
 from .cap import CrossAttentionProjector
 from .dfm import feature_distance
@@ -81,6 +83,14 @@ class ScaleKDModule(nn.Module):
 
     def forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, Dict[str, torch.Tensor]]:
         logits, s3, s4 = forward_student(self.student, x, self.taps)
+        return logits, self.heads(s3, s4)
+
+    def heads(self, s3: torch.Tensor, s4: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """Projected maps of both views from the student's stage-3 / stage-4 features.
+
+        ``r3_v``: CAP3_v(S3) through the frozen teacher tail (TPP's proxy path, paper Sec. 3.3);
+        ``p4_v``: CAP4_v(S4) queried by ``r3_v`` (paper Sec. 3.1). All in the teacher's final-map layout.
+        """
         caps = self.caps
         views = [v for v in VIEWS if f's3_{v}' in caps]
         p3 = [caps[f's3_{v}'].to_map(caps[f's3_{v}'](s3)) for v in views]  # (B, C3t, H3t, W3t) each
@@ -90,7 +100,7 @@ class ScaleKDModule(nn.Module):
             cap = caps[f's4_{v}'] if f's4_{v}' in caps else None
             if cap is not None:
                 out[f'p4_{v}'] = cap.to_map(cap(s4, queries=r3[v]))
-        return logits, out
+        return out
 
 
 class ScaleKDTask(DistillTask):
@@ -172,6 +182,30 @@ class ScaleKDTask(DistillTask):
                 if self.alpha[stage][i]:
                     self.loss_weights[f'loss_{stage}{suffix}'] = self.alpha[stage][i]
 
+    def check_geometry(self, allow_degenerate: bool = False, logger: Optional[logging.Logger] = None) -> None:
+        """Log the grids (to ``logger``); refuse a term that is constant by construction before anything is written."""
+        g = self.geometry
+        if logger is not None:
+            logger.info(f"ScaleKD grids at {_grid(g['img_size'])} px: student stage-3 {_grid(g['student_s3'])}, "
+                        f"stage-4 {_grid(g['student_s4'])}; teacher stage-3 {_grid(g['teacher_s3'])}, stage-4 "
+                        f"{_grid(g['teacher_s4'])}; projector queries stage-3 {_grid(g['query_s3'])}, stage-4 "
+                        f"{_grid(g['query_s4'])}")
+        if not self.constant_terms:
+            return
+        problems = '; '.join(f'{k}: {why}' for k, why in self.constant_terms.items())
+        if allow_degenerate:
+            if logger is not None:
+                logger.warning(f'--scalekd-allow-degenerate: training with terms that are constant by construction '
+                               f'(no gradient): {problems}')
+            return
+        stages = sorted({k.split('_')[1] for k in self.constant_terms})
+        raise FatalError(
+            f"ScaleKD at --img-size {g['img_size'][-1]}: {problems}. The mean-removed (alternative) view of a "
+            f"spatially constant map is zero and teaches nothing. Fix: a larger --img-size (the student's tapped maps "
+            f"need more than one position), an earlier tap ({' / '.join(f'--scalekd-student-{s} IDX' for s in stages)}"
+            f"), or that view's weight set to 0 ({' / '.join(f'--scalekd-alpha-{s} DIRECT 0' for s in stages)}); or "
+            f"pass --scalekd-allow-degenerate to train with it anyway")
+
     # --- checkpoint layout: student in state_dict, projectors in task_state -----------------
     def get_eval_model(self, module: Optional[nn.Module] = None, ema: bool = False) -> Optional[nn.Module]:
         if module is None and hasattr(self, 'eval_model_ema' if ema else 'eval_model'):
@@ -216,15 +250,22 @@ class ScaleKDTask(DistillTask):
         with torch.no_grad(), self.teacher_timer(x):
             return forward_teacher(self.teacher.model, self.teacher_input(x), self.tail.out_grid)
 
+    def feature_losses(self, maps: Dict[str, torch.Tensor], t4: torch.Tensor) -> Dict[str, torch.Tensor]:
+        """The unweighted feature terms of the enabled views (``loss_s3``, ``loss_s3_alt``, ``loss_s4``,
+        ``loss_s4_alt``): DFM's direct and alternative (mean-removed) views, paper Sec. 3.2."""
+        out = {}
+        for stage, prefix in (('s3', 'r3'), ('s4', 'p4')):
+            for i, (v, suffix) in enumerate(zip(VIEWS, ('', '_alt'))):
+                if self.alpha[stage][i]:
+                    out[f'loss_{stage}{suffix}'] = feature_distance(maps[f'{prefix}_{v}'], t4, alternative=i == 1)
+        return out
+
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
         teacher_logits, t4 = self.teacher_targets(input)
         logits, maps = self.trainable_module(input)
         out = {'output': logits}
         out['loss_cls'] = self.criterion(logits, target)
         out['loss_kd'] = kd_loss(logits, teacher_logits, self.kd_temperature)
-        for stage, prefix in (('s3', 'r3'), ('s4', 'p4')):
-            for i, (v, suffix) in enumerate(zip(VIEWS, ('', '_alt'))):
-                if self.alpha[stage][i]:
-                    out[f'loss_{stage}{suffix}'] = feature_distance(maps[f'{prefix}_{v}'], t4, alternative=i == 1)
+        out.update(self.feature_losses(maps, t4))
         out['loss'] = sum(w * out[k] for k, w in self.loss_weights.items())
         return out

@@ -4,8 +4,10 @@ from typing import Optional
 
 import torch.nn as nn
 
-from timm.models import create_model, is_model, load_state_dict
-from timm.models import parse_model_name, split_model_name_tag
+from timm.models import create_model, is_model, parse_model_name, split_model_name_tag
+
+from runtime.checkpoint import load_strict, read_checkpoint
+from runtime.errors import FatalError
 
 _logger = logging.getLogger(__name__)
 
@@ -14,36 +16,15 @@ class TeacherLoadError(RuntimeError):
     """A teacher that cannot be created or whose weights do not fit; the message says why."""
 
 
-def _describe_mismatch(missing, unexpected, shapes, limit=8):
-    parts = []
-    for label, keys in (('missing', missing), ('unexpected', unexpected), ('wrong shape', shapes)):
-        if keys:
-            shown = ', '.join(keys[:limit]) + (f' ... (+{len(keys) - limit} more)' if len(keys) > limit else '')
-            parts.append(f'{len(keys)} {label} keys: {shown}')
-    return '; '.join(parts)
-
-
 def load_teacher_weights(model: nn.Module, path: str, name: str) -> None:
-    """Load ``path`` into ``model`` strictly; a mismatch names the keys and stops."""
+    """Load ``path`` (weights-only ``.pth``/``.pth.tar`` or ``.safetensors``) into ``model`` strictly; a mismatch
+    names the keys and stops."""
     try:
-        state = load_state_dict(path, use_ema=False)  # weights_only=True / safetensors
-    except FileNotFoundError:
-        raise TeacherLoadError(f"teacher checkpoint '{path}' does not exist") from None
-    except Exception as e:  # unpickling refused, truncated file, not a checkpoint
-        raise TeacherLoadError(f"teacher checkpoint '{path}' cannot be read safely ({type(e).__name__}: "
-                               f"{str(e).splitlines()[0][:200]}); it must be a weights-only .pth/.pth.tar "
-                               f"or a .safetensors file") from None
-    own = model.state_dict()
-    missing = sorted(k for k in own if k not in state)
-    unexpected = sorted(k for k in state if k not in own)
-    shapes = sorted(f'{k} {tuple(state[k].shape)} vs {tuple(own[k].shape)}' for k in own
-                    if k in state and hasattr(state[k], 'shape') and state[k].shape != own[k].shape)
-    if missing or unexpected or shapes:
-        raise TeacherLoadError(
-            f"teacher checkpoint '{path}' does not fit --teacher {name}: "
-            f"{_describe_mismatch(missing, unexpected, shapes)}. Pass the --teacher architecture the "
-            f"checkpoint was trained with (and --num-classes of its head)")
-    model.load_state_dict(state, strict=True)
+        state = read_checkpoint(path, what='teacher checkpoint')[0]
+    except FatalError as e:  # missing, unreadable, refused (a pickle that imports code), not a state dict
+        raise TeacherLoadError(str(e)) from None
+    load_strict(model, state, path, f'--teacher {name}', 'Pass the --teacher architecture the checkpoint was '
+                'trained with (and --num-classes of its head)', what='teacher checkpoint', error=TeacherLoadError)
 
 
 def create_teacher(

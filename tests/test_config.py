@@ -19,7 +19,7 @@ optim: {opt: adamw, lr: 5e-3, opt_betas: [0.9, 0.99]}
 distill: {distiller: kd, kd_weight: 0.25, scalekd_alpha_s3: [0.1, 0.2]}
 aug: {hflip: 0}
 """)
-    args, text = parse_args_with_recipe(train_kd._parser(), ['--config', path, '--lr', '0.01', '--data-dir', 'x'])
+    args, text = parse_args_with_recipe(train_kd.build_parser(), ['--config', path, '--lr', '0.01', '--data-dir', 'x'])
     assert args.model == 'resnet18' and args.batch_size == 32
     assert args.lr == 0.01  # command line wins
     assert args.opt == 'adamw' and args.opt_betas == [0.9, 0.99]
@@ -29,10 +29,10 @@ aug: {hflip: 0}
 
 
 def test_flat_recipe_and_args_yaml_round_trip(tmp_path):
-    args, text = parse_args_with_recipe(train_kd._parser(), ['--model', 'resnet18', '--data-dir', 'd', '--smoothing',
+    args, text = parse_args_with_recipe(train_kd.build_parser(), ['--model', 'resnet18', '--data-dir', 'd', '--smoothing',
                                                              '0.2', '--model-kwargs', 'drop_rate=0.1'])
     path = _write(tmp_path, text, 'args.yaml')
-    again, _ = parse_args_with_recipe(train_kd._parser(), ['--config', path])
+    again, _ = parse_args_with_recipe(train_kd.build_parser(), ['--config', path])
     for k, v in vars(args).items():
         if k != 'config':
             assert getattr(again, k) == v, k
@@ -41,7 +41,7 @@ def test_flat_recipe_and_args_yaml_round_trip(tmp_path):
 def test_unknown_key_names_file_key_and_closest(tmp_path):
     path = _write(tmp_path, 'optim:\n  learning_rate: 0.1\n  weight_decai: 0.05\n')
     with pytest.raises(RecipeError) as e:
-        load_recipe(path, train_kd._parser())
+        load_recipe(path, train_kd.build_parser())
     msg = str(e.value)
     assert path in msg and "'learning_rate'" in msg and "section 'optim'" in msg
 
@@ -49,13 +49,13 @@ def test_unknown_key_names_file_key_and_closest(tmp_path):
 def test_unknown_key_suggests_closest(tmp_path):
     path = _write(tmp_path, 'optim:\n  weight_decai: 0.05\n')
     with pytest.raises(RecipeError, match="did you mean 'weight_decay'"):
-        load_recipe(path, train_kd._parser())
+        load_recipe(path, train_kd.build_parser())
 
 
 def test_key_in_two_sections(tmp_path):
     path = _write(tmp_path, 'optim: {lr: 0.1}\nsched: {lr: 0.2}\n')
     with pytest.raises(RecipeError, match="'lr' is set twice, in section 'optim' and in section 'sched'"):
-        load_recipe(path, train_kd._parser())
+        load_recipe(path, train_kd.build_parser())
 
 
 @pytest.mark.parametrize('text,pattern', [
@@ -67,14 +67,14 @@ def test_key_in_two_sections(tmp_path):
 ])
 def test_wrong_type_or_choice(tmp_path, text, pattern):
     with pytest.raises(RecipeError, match=pattern):
-        load_recipe(_write(tmp_path, text), train_kd._parser())
+        load_recipe(_write(tmp_path, text), train_kd.build_parser())
 
 
 def test_missing_file_and_bad_yaml(tmp_path):
     with pytest.raises(RecipeError, match="recipe file '.*nope.yaml' does not exist"):
-        load_recipe(str(tmp_path / 'nope.yaml'), train_kd._parser())
+        load_recipe(str(tmp_path / 'nope.yaml'), train_kd.build_parser())
     with pytest.raises(RecipeError, match='is not valid YAML'):
-        load_recipe(_write(tmp_path, 'model: [unclosed'), train_kd._parser())
+        load_recipe(_write(tmp_path, 'model: [unclosed'), train_kd.build_parser())
 
 
 def test_cli_reports_recipe_error_and_exits(tmp_path, capsys):

@@ -1,8 +1,8 @@
 """The paper recipes (recipes/*.yaml): they load, name real timm models, and build a ScaleKD task that runs.
 
 For every paper pair the student, the teacher (random weights, at the recipe's teacher size) and the
-ScaleKD task are built exactly as train_kd.py builds them (same parser, same ``_task_kwargs`` and
-``_criterion_kwargs``) at 224 px, then one forward and backward at batch 1 is checked: shapes, finite
+ScaleKD task are built exactly as train_kd.py builds them (same parser, same ``task_kwargs`` and
+``criterion_kwargs``) at 224 px, then one forward and backward at batch 1 is checked: shapes, finite
 loss terms inside their mathematical range, the stage-3 projector landing on the teacher's own stage-3
 grid, and gradients reaching the student through the frozen teacher tail. Teachers are big (Swin-L
 197 M, EVA-L 304 M params), so each one is created once and the recipes run grouped by teacher; the
@@ -23,6 +23,7 @@ import models  # noqa: F401  registers the paper's students
 import train_kd
 from config import load_recipe
 from distillers import build_task
+from distillers.flags import criterion_kwargs, task_kwargs
 
 torch.set_num_threads(2)
 
@@ -59,7 +60,7 @@ def _path(name):
 
 def _args(path):
     """The Namespace train_kd.py would run with: parser defaults + the recipe (no command-line flags)."""
-    parser = train_kd._parser()
+    parser = train_kd.build_parser()
     parser.set_defaults(**load_recipe(path, parser))
     return parser.parse_args([])
 
@@ -149,8 +150,8 @@ def test_paper_recipe_builds_and_steps(name):
     assert img_size == (224, 224)
     teacher = _TEACHERS.get(args)
     task = build_task(
-        'scalekd', student, teacher, criterion_kwargs=train_kd._criterion_kwargs(args), device=torch.device('cpu'),
-        **train_kd._task_kwargs(args, img_size), mean=data_config['mean'], std=data_config['std'])
+        'scalekd', student, teacher, criterion_kwargs=criterion_kwargs(args), device=torch.device('cpu'),
+        **task_kwargs(args, img_size), mean=data_config['mean'], std=data_config['std'])
     task.train()
     module = task.trainable_module
     tail = task.tail

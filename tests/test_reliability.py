@@ -22,7 +22,10 @@ import timm
 import torch
 
 import models  # noqa: F401
-import runtime
+import runtime.checkpoint
+import runtime.errors
+import runtime.resume
+import runtime.saver
 import train_kd
 from conftest import make_image_folder
 
@@ -140,12 +143,12 @@ def test_kill9_at_random_steps_and_resume_auto_is_bitwise_exact(assets, referenc
 def test_sigterm_saves_exits_75_and_resume_continues_at_the_next_batch(assets, reference):
     cmd = _cmd(assets, 'term', '--recovery-interval', '0')  # the only recovery file is the one SIGTERM writes
     rc, log = _run(cmd, stop_at=3, sig=signal.SIGTERM)
-    assert rc == runtime.EXIT_PREEMPTED == 75, log[-3000:]
+    assert rc == runtime.errors.EXIT_PREEMPTED == 75, log[-3000:]
     m = re.search(r'Stopped at epoch (\d+) batch (\d+); recovery checkpoint written', log)
     assert m, log[-3000:]
     epoch, batch = int(m.group(1)), int(m.group(2))
     path = os.path.join(assets[0], 'term', f'recovery-{epoch}-{batch}.pth.tar')
-    assert runtime.is_valid_checkpoint(path)
+    assert runtime.resume.is_valid_checkpoint(path)
     assert _load(path)['run_state']['batch_idx'] == batch
 
     rc, log = _run(cmd)
@@ -194,13 +197,13 @@ def test_usr1_and_ctrl_c_stop_gracefully(assets, tmp_path, monkeypatch, caplog, 
 
 def test_recovery_checkpoint_every_n_updates(assets, tmp_path, monkeypatch):
     saved = []
-    real = runtime.RunSaver.save_recovery
+    real = runtime.saver.RunSaver.save_recovery
 
-    def record(self, epoch, batch_idx=0):
-        saved.append((epoch, batch_idx, sorted(self.rng_states[0]), self.extra_state['epoch_sums']['count']))
-        return real(self, epoch, batch_idx)
+    def record(self, epoch, batch_idx=0, run_state=None):
+        saved.append((epoch, batch_idx, sorted(run_state['rng'][0]), run_state['epoch_sums']['count']))
+        return real(self, epoch, batch_idx, run_state=run_state)
 
-    monkeypatch.setattr(runtime.RunSaver, 'save_recovery', record)
+    monkeypatch.setattr(runtime.saver.RunSaver, 'save_recovery', record)
     assert train_kd.main(_argv(assets, tmp_path, 'rec', '-b', '3', '--recovery-interval', '2')) == 0  # 6 updates
     assert [(e, b) for e, b, _, _ in saved] == [(0, 1), (0, 3)]  # after updates 2 and 4, not after the last
     assert saved[0][2] == ['numpy', 'python', 'torch'] and [c for *_, c in saved] == [6, 12]
@@ -215,9 +218,9 @@ def test_truncated_and_partial_checkpoints_are_ignored_by_resume_auto(assets, tm
     (run / 'recovery-1-3.pth.tar').write_bytes(blob[:len(blob) // 2])
     (run / 'recovery_tmp.pth.tar.partial.4242').write_bytes(blob[:100])
     (run / 'checkpoint-0.pth.tar').unlink()
-    assert runtime.find_resume('auto', str(run)) == str(good)
+    assert runtime.resume.find_resume('auto', str(run)) == str(good)
     assert "ignoring '" + str(run / 'recovery-1-3.pth.tar') + "' (incomplete or unreadable)" in caplog.text
-    assert runtime.find_resume('auto', str(tmp_path / 'nothing_here')) == ''
+    assert runtime.resume.find_resume('auto', str(tmp_path / 'nothing_here')) == ''
     # the run continues from the valid checkpoint, and the stale partial file is cleaned up
     assert train_kd.main(_argv(assets, tmp_path, 'trunc', '--epochs', '2', '--resume', 'auto')) == 0
     assert [r['epoch'] for r in _rows(run)] == ['0', '1']
@@ -226,7 +229,7 @@ def test_truncated_and_partial_checkpoints_are_ignored_by_resume_auto(assets, tm
 
 def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypatch):
     path = str(tmp_path / 'last.pth.tar')
-    runtime._atomic_torch_save({'state_dict': {'w': torch.ones(3)}, 'epoch': 0}, path)
+    runtime.checkpoint.atomic_torch_save({'state_dict': {'w': torch.ones(3)}, 'epoch': 0}, path)
     real_save = torch.save
 
     def killed_mid_write(obj, f, *a, **k):
@@ -235,11 +238,11 @@ def test_a_kill_during_a_save_leaves_the_previous_checkpoint(tmp_path, monkeypat
 
     monkeypatch.setattr(torch, 'save', killed_mid_write)
     with pytest.raises(KeyboardInterrupt):
-        runtime._atomic_torch_save({'state_dict': {'w': torch.zeros(3)}, 'epoch': 1}, path)
+        runtime.checkpoint.atomic_torch_save({'state_dict': {'w': torch.zeros(3)}, 'epoch': 1}, path)
     monkeypatch.setattr(torch, 'save', real_save)
     assert _load(path)['epoch'] == 0 and torch.equal(_load(path)['state_dict']['w'], torch.ones(3))
     assert glob.glob(path + '.partial.*')  # what a killed writer leaves behind
-    assert runtime.find_resume('auto', str(tmp_path)) == path
+    assert runtime.resume.find_resume('auto', str(tmp_path)) == path
 
 
 def test_full_disk_while_saving_keeps_the_previous_checkpoint(assets, tmp_path, monkeypatch, caplog):
@@ -270,7 +273,7 @@ def test_full_disk_while_saving_keeps_the_previous_checkpoint(assets, tmp_path, 
                 return FullDisk(f)
         return f
 
-    monkeypatch.setattr(runtime, 'open', fake_open, raising=False)
+    monkeypatch.setattr(runtime.checkpoint, 'open', fake_open, raising=False)
     rc = train_kd.main(_argv(assets, tmp_path, 'full', '--epochs', '2'))
     assert rc == 2
     assert re.search(r"could not write checkpoint '.*tmp\.pth\.tar' \(No space left on device\); the previous "
@@ -441,7 +444,8 @@ def test_resume_with_another_recipe_is_refused_unless_forced(assets, tmp_path, c
 
 def test_abort_policy_defers_the_check_to_the_next_flush():
     """--nonfinite abort observes on the device each update and decides at log/save points."""
-    from runtime import FatalError, NonFiniteGuard
+    from runtime.errors import FatalError
+    from runtime.nonfinite import NonFiniteGuard
     guard = NonFiniteGuard('abort')
     ok = {'loss': torch.tensor(1.0), 'loss_kd': torch.tensor(2.0)}
     guard.observe(ok, 3)

@@ -14,7 +14,7 @@ import train_kd
 import validate
 from conftest import make_image_folder
 from export import official_to_timm
-from runtime import FatalError
+from runtime.errors import FatalError
 
 
 def _load(path):

@@ -1,0 +1,17 @@
+"""What keeps a long run alive, one concern a file; import from the file (``from runtime.saver import RunSaver``).
+
+* ``errors``: ``FatalError`` (one clear message, exit code 2), ``EXIT_PREEMPTED`` (75), start-up error logging.
+* ``checkpoint``: checkpoint I/O: the one atomic writer, the one weights-only reader, the strict loader
+  with its mismatch report, the output-folder check.
+* ``saver``: ``RunSaver``, timm's CheckpointSaver writing through the atomic writer, with exact-resume state.
+* ``rng``: RNG states of every stream and rank, in a form a weights-only checkpoint holds.
+* ``resume``: ``--resume auto``, the settings check, the position inside an epoch (skip + RNG replay).
+* ``signals``: SIGTERM / SIGUSR1 / SIGINT -> finish the step, save a recovery checkpoint, exit 75.
+* ``distributed``: a timeout for every collective, one line when a peer rank died.
+* ``data``: data-folder checks and ``BadImageGuard`` (unreadable images skipped, named and counted).
+* ``nonfinite``: ``NonFiniteGuard`` (abort naming the term, or skip the update).
+* ``metrics``: loss-term sums over ranks, step timing, the console line + TensorBoard, ETA.
+
+Imports run one way: ``errors`` <- ``checkpoint`` <- ``saver``, ``resume`` (<- ``rng``); no file here
+imports ``distillers/``, ``models/``, ``config.py`` or a script.
+"""

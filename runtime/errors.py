@@ -1,0 +1,20 @@
+"""Errors a run stops on with one message, and the exit codes a requeue script reads."""
+EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, a recovery checkpoint was written; requeue me
+EXIT_FATAL = 2  # bad input or a run that cannot continue; do not requeue
+
+
+class FatalError(RuntimeError):
+    """A run that must stop with one clear message (no traceback)."""
+    exit_code = EXIT_FATAL
+
+
+def log_startup_error(logger, e: Exception) -> None:
+    msg = str(e)
+    if 'Original Traceback' in msg:  # raised in a DataLoader worker: keep the message, drop the traceback
+        msg = msg.rstrip().splitlines()[-1].split('FatalError: ', 1)[-1]
+    logger.error(msg)  # timm's console formatter prints it as 'ERROR: <msg>'
+
+
+def short(e: Exception) -> str:
+    """``Type: first line of the message`` (at most 200 characters), for one-line error reports."""
+    return f'{type(e).__name__}: {(str(e).splitlines() or [""])[0][:200]}'
