@@ -34,7 +34,10 @@ GEOMETRIES = {
     'demo: scalekd_demo_resnet <- scalekd_demo_vit (8x8), 32 px': (
         'scalekd_demo_resnet', {}, 'scalekd_demo_vit', {}, 32, 8),
     'small: resnet18 (1x1 stage 4) <- scalekd_demo_vit, 32 px': ('resnet18', {}, 'scalekd_demo_vit', {}, 32, 8),
+    'small: resnet18 (1x1 stage 4) <- vit-tiny/16 (2x2 tokens), 32 px': (
+        'resnet18', {}, 'vit_tiny_patch16_224', dict(img_size=32, depth=2, **VIT_GAP), 32, 3),
 }
+SMALL = [n for n in GEOMETRIES if n.startswith('small')]
 
 
 def _unguarded(p, t, alternative=False):
@@ -65,11 +68,13 @@ def main():
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--batch', type=int, default=8)
     p.add_argument('--seeds', type=int, nargs='+', default=[0, 1, 2])
+    p.add_argument('--only', nargs='+', default=None, help='geometry names (default: all)')
     args = p.parse_args()
     torch.set_num_threads(min(2, torch.get_num_threads()))
     print('ratio = gradient norm of the weighted term / that of the weighted task loss (loss_cls), '
           f'batch {args.batch}, seeds {args.seeds}: max over seeds\n')
-    rows = [(n, False) for n in GEOMETRIES] + [(list(GEOMETRIES)[-1], True)]
+    rows = [(n, False) for n in GEOMETRIES] + [(n, True) for n in SMALL]
+    rows = [r for r in rows if args.only is None or r[0] in args.only]
     for name, unguarded in rows:
         worst = {}
         for seed in args.seeds:
