@@ -74,7 +74,8 @@ def main(argv=None):
     teacher_ckpt = os.path.abspath(teacher_ckpt)
     common = ['--config', 'recipes/demo_fmnist.yaml', '--model', 'resnet18', '--img-size', '32', '--data-dir', data,
               '--output', runs, '-j', str(args.workers), '--epochs', str(args.epochs),
-              '--val-interval', str(args.epochs), '--teacher-checkpoint', teacher_ckpt]
+              '--val-interval', str(args.epochs)]
+    with_teacher = ['--teacher-checkpoint', teacher_ckpt]
 
     results = {}
     for method in args.methods:
@@ -83,7 +84,8 @@ def main(argv=None):
             run_dir = os.path.join(runs, exp)
             if not os.path.isfile(os.path.join(run_dir, 'last.pth.tar')):
                 t = time.time()
-                sh([py, 'train_kd.py', *common, *METHODS[method], '--experiment', exp, '--seed', str(seed)],
+                teacher = with_teacher if METHODS[method][1] != 'none' else []
+                sh([py, 'train_kd.py', *common, *teacher, *METHODS[method], '--experiment', exp, '--seed', str(seed)],
                    os.path.join(out, f'{exp}.log'))
                 print(f'{exp}: {time.time() - t:.0f} s', flush=True)
             row = read_summary(run_dir)[-1]
@@ -99,7 +101,7 @@ def main(argv=None):
         if not os.path.isfile(os.path.join(run_dir, 'last.pth.tar')):
             cmd = [py, os.path.join(os.path.abspath(args.old_code), 'train_kd.py'),
                    *[a if a != 'recipes/demo_fmnist.yaml' else os.path.join(os.path.abspath(args.old_code), a)
-                     for a in common], '--distiller', 'scalekd', *PAPER,
+                     for a in common], *with_teacher, '--distiller', 'scalekd', *PAPER,
                    '--experiment', os.path.basename(run_dir), '--seed', str(seed)]
             sh(cmd, os.path.join(out, 'oldcode.log'))
         old = {'seed': seed, 'top1': read_summary(run_dir)[-1]['eval_top1']}
