@@ -1,6 +1,6 @@
 """Cross attention projector (CAP): student feature map -> tokens on the teacher's grid.
 
-Math as the official implementation computes it (method spec section 3):
+CAP of the ScaleKD paper (Sec. 3, Fig. 1a), with the math as the official implementation computes it:
 
     x   = ReLU(Norm(Conv3x3(s))) + pos                       (B, Cs, Hs, Ws), resolution preserved
     q0  = ReLU(Conv1x1(queries on the Hq x Wq grid))         (B, Nq, Ct)

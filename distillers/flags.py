@@ -38,14 +38,14 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
                        help='logit KD temperature (default: 1.0)')
     group.add_argument('--kd-weight', type=float, default=0.5, metavar='W',
                        help='logit KD weight; the student loss gets 1 - W (default: 0.5)')
-    group.add_argument('--scalekd-alpha-s3', type=float, nargs=2, default=[0.08, 0.06], metavar=('DIRECT', 'ALT'),
-                       help='stage-3 (proxy path) feature weights, direct and DC-removed views (default: 0.08 0.06)')
-    group.add_argument('--scalekd-alpha-s4', type=float, nargs=2, default=[0.08, 0.06], metavar=('DIRECT', 'ALT'),
-                       help='stage-4 feature weights, direct and DC-removed views (default: 0.08 0.06)')
-    group.add_argument('--scalekd-heads-s3', type=int, default=8, metavar='N',
-                       help='attention heads of the stage-3 projectors (default: 8)')
-    group.add_argument('--scalekd-heads-s4', type=int, default=8, metavar='N',
-                       help='attention heads of the stage-4 projectors (default: 8)')
+    # per-stage weight pairs as the paper and the official configs give them (stage 3 = the TPP proxy path)
+    for stage, path in (('s3', 'stage-3 (proxy path)'), ('s4', 'stage-4')):
+        group.add_argument(f'--scalekd-alpha-{stage}', type=float, nargs=2, default=[0.08, 0.06],
+                           metavar=('DIRECT', 'ALT'),
+                           help=f'{path} feature weights, direct and DC-removed views (default: 0.08 0.06)')
+    for stage in ('3', '4'):
+        group.add_argument(f'--scalekd-heads-s{stage}', type=int, default=8, metavar='N',
+                           help=f'attention heads of the stage-{stage} projectors (default: 8)')
     group.add_argument('--scalekd-softmax-scale', type=float, nargs=2, default=[5.0, 5.0], metavar=('S3', 'S4'),
                        help='attention logit scale of the stage-3 and stage-4 projectors (default: 5 5)')
     group.add_argument('--scalekd-cap-norm', default='bn', type=str, choices=('bn', 'ln'),

@@ -1,4 +1,4 @@
-"""ScaleKD as a timm TrainingTask: CAP + DFM + TPP + logit KD (method spec sections 1-7).
+"""ScaleKD as a timm TrainingTask: CAP + DFM + TPP + logit KD (ScaleKD paper, Fan et al., NeurIPS 2024, Sec. 3, Fig. 1).
 
 One step, for views v in {a (direct), b (alternative, mean-removed)}:
 
@@ -88,8 +88,8 @@ class ScaleKDModule(nn.Module):
     def heads(self, s3: torch.Tensor, s4: torch.Tensor) -> Dict[str, torch.Tensor]:
         """Projected maps of both views from the student's stage-3 / stage-4 features.
 
-        ``r3_v``: CAP3_v(S3) through the frozen teacher tail (TPP's proxy path, paper Sec. 3.3);
-        ``p4_v``: CAP4_v(S4) queried by ``r3_v`` (paper Sec. 3.1). All in the teacher's final-map layout.
+        ``r3_v``: CAP3_v(S3) through the frozen teacher tail (TPP's proxy path, paper Fig. 1c);
+        ``p4_v``: CAP4_v(S4) queried by ``r3_v`` (CAP, paper Fig. 1a). All in the teacher's final-map layout.
         """
         caps = self.caps
         views = [v for v in VIEWS if f's3_{v}' in caps]
@@ -252,7 +252,7 @@ class ScaleKDTask(DistillTask):
 
     def feature_losses(self, maps: Dict[str, torch.Tensor], t4: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The unweighted feature terms of the enabled views (``loss_s3``, ``loss_s3_alt``, ``loss_s4``,
-        ``loss_s4_alt``): DFM's direct and alternative (mean-removed) views, paper Sec. 3.2."""
+        ``loss_s4_alt``): DFM's direct and alternative (mean-removed) views, paper Fig. 1b and Fig. 2."""
         out = {}
         for stage, prefix in (('s3', 'r3'), ('s4', 'p4')):
             for i, (v, suffix) in enumerate(zip(VIEWS, ('', '_alt'))):

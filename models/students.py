@@ -1,7 +1,7 @@
 """The paper's student architectures, registered with timm by name.
 
 Each one is a stock timm architecture built through timm's own builder with the keyword arguments
-that make it match the ScaleKD students (method spec sections 2 and 11.1), so train_kd.py,
+that make it match the ScaleKD students (the paper's Table 3 students, as the official code builds them), so train_kd.py,
 validation and export create them with ``timm.create_model(NAME)`` and no extra kwargs:
 
 * ``vit_small_patch16_224_gap``, ``vit_base_patch16_224_gap``: DeiT-S/B shapes without a class
@@ -44,25 +44,27 @@ default_cfgs = generate_default_cfgs({
 _GAP = dict(class_token=False, global_pool='avg', fc_norm=False)
 
 
+def _vit_gap(name: str, pretrained: bool, kwargs: dict, **args):
+    return _create_vision_transformer(name, pretrained=pretrained, **dict(dict(img_size=224, depth=12, **args, **_GAP),
+                                                                          **kwargs))
+
+
 @register_model
 def vit_small_patch16_224_gap(pretrained=False, **kwargs):
     """ViT-S/16 (DeiT-S shape), no class token, average of final-normed tokens."""
-    args = dict(img_size=224, patch_size=16, embed_dim=384, depth=12, num_heads=6, **_GAP)
-    return _create_vision_transformer('vit_small_patch16_224_gap', pretrained=pretrained, **dict(args, **kwargs))
+    return _vit_gap('vit_small_patch16_224_gap', pretrained, kwargs, patch_size=16, embed_dim=384, num_heads=6)
 
 
 @register_model
 def vit_base_patch16_224_gap(pretrained=False, **kwargs):
     """ViT-B/16 (DeiT-B shape), no class token, average of final-normed tokens."""
-    args = dict(img_size=224, patch_size=16, embed_dim=768, depth=12, num_heads=12, **_GAP)
-    return _create_vision_transformer('vit_base_patch16_224_gap', pretrained=pretrained, **dict(args, **kwargs))
+    return _vit_gap('vit_base_patch16_224_gap', pretrained, kwargs, patch_size=16, embed_dim=768, num_heads=12)
 
 
 @register_model
 def vit_base_patch14_224_gap(pretrained=False, **kwargs):
     """ViT-B/14 (16x16 tokens at 224), no class token, average of final-normed tokens."""
-    args = dict(img_size=224, patch_size=14, embed_dim=768, depth=12, num_heads=12, **_GAP)
-    return _create_vision_transformer('vit_base_patch14_224_gap', pretrained=pretrained, **dict(args, **kwargs))
+    return _vit_gap('vit_base_patch14_224_gap', pretrained, kwargs, patch_size=14, embed_dim=768, num_heads=12)
 
 
 @register_model

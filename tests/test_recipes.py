@@ -50,7 +50,7 @@ PAPER = {
 }
 # one cheap pair per teacher runs by default under `-m "not slow"`; the full set is the default `pytest` run
 FAST = ('swinl_vits', 'swinb_r50_trad', 'swins_r50_trad', 'eval_vitb14')
-# spec section 7: trainable parameters of one stage-3 / stage-4 projector, in millions
+# trainable parameters of one stage-3 / stage-4 projector, in millions, as the official code builds them
 CAP_PARAMS_M = {'swinl_r50': (17.9, 70.1), 'swinl_vitb': (13.3, 33.8)}
 
 
@@ -156,7 +156,7 @@ def test_paper_recipe_builds_and_steps(name):
     module = task.trainable_module
     tail = task.tail
 
-    # taps: the paper's (spec section 2), including the ones a recipe sets explicitly
+    # taps: the paper's (as the official code takes them), including the ones a recipe sets explicitly
     assert (module.taps.s3, module.taps.s4) == PAPER[name][2]
 
     # stage-3 projectors aim at the teacher's real stage-3 output, stage-4 ones at its final grid

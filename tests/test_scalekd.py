@@ -1,4 +1,4 @@
-"""ScaleKD against the method spec: shapes, parameter counts, gradient paths, tail, DFM, init, golden values."""
+"""ScaleKD against the paper and the official code: shapes, parameter counts, gradient paths, tail, DFM, init, golden values."""
 import math
 
 import pytest

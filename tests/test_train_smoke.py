@@ -132,8 +132,11 @@ def test_teacher_checkpoint_of_wrong_architecture(teacher_ckpt, tmp_path):
 
 
 def test_teacher_checkpoint_mismatch_stops_train_kd(image_folder, teacher_ckpt, tmp_path, caplog):
+    caplog.set_level('INFO')
     rc = train_kd.main(_argv(image_folder, tmp_path, 'bad', '--distiller', 'kd', '--teacher', 'resnet18',
                              '--teacher-checkpoint', teacher_ckpt))
     assert rc == 2
     assert 'does not fit --teacher resnet18' in caplog.text and 'missing keys' in caplog.text
+    # the start-up log names the code (git commit in a checkout) and the library versions
+    assert f'torch {torch.__version__}, timm {timm.__version__}' in caplog.text and 'Code: ' in caplog.text
     assert not os.path.exists(tmp_path / 'bad' / 'last.pth.tar')
