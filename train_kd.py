@@ -418,6 +418,7 @@ def train(args, args_text):
     resume_path = find_resume(args.resume, output_dir) if args.resume else ''
     check_same_resume(resume_path, args.distributed)
     start_epoch, resume_batch, extras = _resume(args, task, optimizer, loss_scaler, resume_path, config)
+    position = EpochPosition(resume_batch, extras if resume_batch else None)  # where the first epoch goes on
     if utils.is_primary(args) and resume_path:  # rows a stopped run wrote for the epochs trained again
         truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
 
@@ -509,7 +510,6 @@ def train(args, args_text):
                 elif mixup_fn is not None:
                     mixup_fn.mixup_enabled = False
 
-            position = EpochPosition(resume_batch, extras if resume_batch else None)  # resume_batch: 0 after epoch 1
             train_metrics = train_one_epoch(
                 epoch, task, loader_train, optimizer, args, device=device, lr_scheduler=lr_scheduler, saver=saver,
                 writer=writer, amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn, guard=guard,
@@ -534,7 +534,7 @@ def train(args, args_text):
 
             if lr_scheduler is not None:
                 lr_scheduler.step(epoch + 1, eval_metrics[eval_metric] if eval_metrics else None)
-            resume_batch = 0
+            position.next_epoch()
     except KeyboardInterrupt:
         exit_code = EXIT_PREEMPTED
     finally:
@@ -766,14 +766,13 @@ def _output_dir(args, img_size):
 def train_one_epoch(
         epoch, task, loader, optimizer, args, device=torch.device('cuda'), lr_scheduler=None, saver=None,
         writer=None, amp_autocast=suppress, loss_scaler=None, mixup_fn=None, guard=None, timer=None,
-        position=None, output_dir='', measure_balance=False,
+        position: EpochPosition = None, output_dir='', measure_balance=False,
 ):
     """One epoch of updates; its metrics, or None when a stop signal ended it early. ``position``
     (runtime.resume.EpochPosition) resumes inside the epoch from a recovery checkpoint (skip + RNG replay)."""
     # every epoch starts from its own seed, so a resumed run sees the same sampler order and worker seeds
     utils.random_seed(args.seed + epoch * 4099, args.rank)
     task.train()
-    position = position or EpochPosition()
 
     accum_steps = args.grad_accum_steps
     num_batches = len(loader)

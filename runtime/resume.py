@@ -165,6 +165,10 @@ class EpochPosition:
         self.saved = saved or {}
         self.rng_prev = None  # RNG state at the end of the previous batch (before the loader's next fetch)
 
+    def next_epoch(self) -> None:
+        """The next epoch starts at its first batch, with no saved state."""
+        self.start_batch, self.saved, self.rng_prev = 0, {}, None
+
     def skip(self, batch_idx: int) -> bool:
         """True for a batch trained before the stop (drawn, not trained); replays the saved RNG states."""
         if batch_idx >= self.start_batch:
