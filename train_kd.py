@@ -513,7 +513,8 @@ def train(args, args_text):
             train_metrics = train_one_epoch(
                 epoch, task, loader_train, optimizer, args, device=device, lr_scheduler=lr_scheduler, saver=saver,
                 writer=writer, amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn, guard=guard,
-                timer=timer, position=position, output_dir=output_dir, measure_balance=measure_balance)
+                timer=timer, position=position, output_dir=output_dir,
+                measure_balance=measure_balance and epoch == start_epoch)
             if train_metrics is None:  # stopped by a signal; a recovery checkpoint was written
                 exit_code = EXIT_PREEMPTED
                 break

@@ -6,8 +6,8 @@ written here from seed 0) on the tiny random ImageFolder of conftest.py, in-proc
 3 updates and a log line every update. It pins, exactly (``float.hex`` / sha256 of the bytes):
 
 * every loss term (loss, loss_cls, loss_kd, loss_s3, loss_s3_alt, loss_s4, loss_s4_alt) of every
-  call of ``ScaleKDTask.forward``, in order: per epoch, the loss-balance measurement on its first
-  batch (train_kd runs it at batch 0 of every epoch of a fresh run), then each training step;
+  call of ``ScaleKDTask.forward``, in order: the loss-balance measurement on the first batch of a
+  fresh run, then each training step;
 * the final ``last.pth.tar``: student ``state_dict``, ``state_dict_ema``, the projectors in
   ``task_state`` and the optimizer state (momentum buffers and param groups);
 * the loss and eval columns of ``summary.csv``.
@@ -116,7 +116,7 @@ def one_thread():
 
 def test_golden_scalekd_demo_run(tmp_path, monkeypatch, one_thread):
     got = _run(tmp_path, monkeypatch)
-    assert len(got['steps']) == 2 * (1 + 4)  # per epoch: the loss-balance pass on its first batch + 4 updates
+    assert len(got['steps']) == 1 + 2 * 4  # the loss-balance pass on the first batch, then 2 epochs of 4 updates
     if os.environ.get('GOLDEN_UPDATE'):
         os.makedirs(os.path.dirname(GOLDEN), exist_ok=True)
         with open(GOLDEN, 'w') as f:
