@@ -15,12 +15,13 @@ and the demo recipe's), fixed before the runs.
 import argparse
 import json
 import os
+import shutil
 import subprocess
 import sys
 import time
 
 sys.path.insert(0, os.path.dirname(os.path.abspath(__file__)))
-from small_repro import ROOT, mean_std, read_summary, sh  # noqa: E402
+from small_repro import ROOT, finished, mean_std, read_summary, sh  # noqa: E402
 
 PAPER = ['--scalekd-alpha-s3', '0.08', '0.06', '--scalekd-alpha-s4', '0.08', '0.06']
 METHODS = {
@@ -82,7 +83,8 @@ def main(argv=None):
         for seed in args.seeds:
             exp = f"resnet18-{method.split(' ')[0]}{'-paper' if 'paper' in method else ''}-s{seed}"
             run_dir = os.path.join(runs, exp)
-            if not os.path.isfile(os.path.join(run_dir, 'last.pth.tar')):
+            if not finished(run_dir, args.epochs):
+                shutil.rmtree(run_dir, ignore_errors=True)  # a stopped run: start it again
                 t = time.time()
                 teacher = with_teacher if METHODS[method][1] != 'none' else []
                 sh([py, 'train_kd.py', *common, *teacher, *METHODS[method], '--experiment', exp, '--seed', str(seed)],

@@ -17,6 +17,7 @@ import argparse
 import csv
 import json
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -48,6 +49,14 @@ def sh(cmd, log):
 def read_summary(run_dir):
     with open(os.path.join(run_dir, 'summary.csv')) as f:
         return [{k: float(v) for k, v in r.items() if v not in ('', None)} for r in csv.DictReader(f)]
+
+
+def finished(run_dir, epochs):
+    """True when the run's summary has its last epoch, validated (a stopped run leaves checkpoints behind)."""
+    if not os.path.isfile(os.path.join(run_dir, 'summary.csv')):
+        return False
+    rows = read_summary(run_dir)
+    return bool(rows) and int(rows[-1]['epoch']) == epochs - 1 and 'eval_top1' in rows[-1]
 
 
 def mean_std(xs):
@@ -121,7 +130,8 @@ def main(argv=None):
 
     def run(student, method, seed, exp, *extra):
         run_dir = os.path.join(runs, exp)
-        if not os.path.isfile(os.path.join(run_dir, 'last.pth.tar')):
+        if not finished(run_dir, args.student_epochs):
+            shutil.rmtree(run_dir, ignore_errors=True)  # a stopped run: start it again
             teacher = ['--teacher-checkpoint', teacher_ckpt] if method != 'none' else ['--teacher', '']
             t = time.time()
             sh([py, 'train_kd.py', '--config', 'recipes/demo_fmnist.yaml', '--model', student,
