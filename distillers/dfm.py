@@ -47,12 +47,23 @@ def normalize_mean_removed(x: torch.Tensor, ref: torch.Tensor, rtol: float = DEG
     return torch.where(degenerate, torch.zeros((), dtype=n.dtype, device=n.device), n)
 
 
-def feature_distance(p: torch.Tensor, t: torch.Tensor, alternative: bool = False) -> torch.Tensor:
-    """Sum of squared differences of channel-normalised maps, divided by the batch size (fp32)."""
+NORMS = ('safe', 'official')
+
+
+def feature_distance(p: torch.Tensor, t: torch.Tensor, alternative: bool = False, norm: str = 'safe') -> torch.Tensor:
+    """Sum of squared differences of channel-normalised maps, divided by the batch size (fp32).
+
+    ``norm='official'`` uses F.normalize in the alternative view too, as the official code does (a
+    spatially constant projection then sends a gradient of order 1/eps).
+    """
     if p.shape != t.shape:
         raise ValueError(f'projected map {tuple(p.shape)} and teacher map {tuple(t.shape)} differ')
+    if norm not in NORMS:
+        raise ValueError(f'DFM norm must be one of {NORMS}, got {norm!r}')
     p, t = p.float(), t.float()
-    if alternative:
+    if alternative and norm == 'official':
+        pn, tn = F.normalize(remove_dc(p), dim=1), F.normalize(remove_dc(t), dim=1)
+    elif alternative:
         pn, tn = normalize_mean_removed(remove_dc(p), p), normalize_mean_removed(remove_dc(t), t)
     else:
         pn, tn = F.normalize(p, dim=1), F.normalize(t, dim=1)

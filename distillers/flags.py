@@ -56,6 +56,10 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
                        help='student stage-4 tap index (default: the final, normed features)')
     group.add_argument('--scalekd-tail-blocks', type=int, default=None, metavar='N',
                        help='blocks in the teacher tail for ViT/EVA teachers (default: depth // 12)')
+    group.add_argument('--scalekd-dfm-norm', default='safe', type=str, choices=('safe', 'official'),
+                       help='channel normalisation in the alternative (mean-removed) view: safe = no gradient at '
+                            'positions that are zero up to rounding, otherwise identical to F.normalize; official = '
+                            'F.normalize, whose gradient there is of order 1/eps (default: safe)')
     group.add_argument('--scalekd-allow-degenerate', action='store_true', default=False,
                        help='train even when an alternative-view term is constant by construction (a student map '
                             'with a single position); by default such a run is refused before step 0')
@@ -76,7 +80,8 @@ def task_kwargs(args: argparse.Namespace, img_size: Tuple[int, int]) -> Dict[str
         kw.update(img_size=img_size, student_s3=args.scalekd_student_s3, student_s4=args.scalekd_student_s4,
                   alpha_s3=args.scalekd_alpha_s3, alpha_s4=args.scalekd_alpha_s4, heads_s3=args.scalekd_heads_s3,
                   heads_s4=args.scalekd_heads_s4, softmax_scale=args.scalekd_softmax_scale,
-                  cap_norm=args.scalekd_cap_norm, tail_blocks=args.scalekd_tail_blocks)
+                  cap_norm=args.scalekd_cap_norm, tail_blocks=args.scalekd_tail_blocks,
+                  dfm_norm=args.scalekd_dfm_norm)
     return kw
 
 

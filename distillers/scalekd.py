@@ -27,7 +27,7 @@ from models.tails import TeacherTail
 from runtime.errors import FatalError
 from .base import DistillTask, kd_loss
 from .cap import CrossAttentionProjector
-from .dfm import feature_distance
+from .dfm import NORMS as DFM_NORMS, feature_distance
 from .tpp import perceive
 
 VIEWS = ('a', 'b')  # a: direct view, b: alternative (DC-removed) view
@@ -115,6 +115,8 @@ class ScaleKDTask(DistillTask):
         softmax_scale: (stage 3, stage 4) attention logit scale.
         cap_norm: 'bn' or 'ln' in the projector stem.
         tail_blocks: blocks in the teacher tail for ViT/EVA teachers (default depth // 12).
+        dfm_norm: 'safe' (default: no 0/0 at rounding-level positions of the alternative view) or
+            'official' (F.normalize, as the official code; see distillers/dfm.py).
         kd_weight, kd_temperature: logit KD; the student loss is weighted 1 - kd_weight.
         **kwargs: DistillTask arguments (criterion, mean/std, teacher_mode, teacher_img_size, ...).
     """
@@ -133,6 +135,7 @@ class ScaleKDTask(DistillTask):
             softmax_scale: Sequence[float] = (5.0, 5.0),
             cap_norm: str = 'bn',
             tail_blocks: Optional[int] = None,
+            dfm_norm: str = 'safe',
             kd_weight: float = 0.5,
             kd_temperature: float = 1.0,
             **kwargs,
@@ -142,6 +145,9 @@ class ScaleKDTask(DistillTask):
             raise ValueError('alpha_s3 and alpha_s4 take two weights each: (direct view, alternative view)')
         if isinstance(softmax_scale, (int, float)):  # the official Swin-B config passes a scalar
             softmax_scale = (float(softmax_scale), float(softmax_scale))
+        if dfm_norm not in DFM_NORMS:
+            raise ValueError(f'dfm_norm must be one of {DFM_NORMS}, got {dfm_norm!r}')
+        self.dfm_norm = dfm_norm
         self.kd_weight = kd_weight
         self.kd_temperature = kd_temperature
         self.alpha = {'s3': tuple(alpha_s3), 's4': tuple(alpha_s4)}
@@ -257,7 +263,8 @@ class ScaleKDTask(DistillTask):
         for stage, prefix in (('s3', 'r3'), ('s4', 'p4')):
             for i, (v, suffix) in enumerate(zip(VIEWS, ('', '_alt'))):
                 if self.alpha[stage][i]:
-                    out[f'loss_{stage}{suffix}'] = feature_distance(maps[f'{prefix}_{v}'], t4, alternative=i == 1)
+                    out[f'loss_{stage}{suffix}'] = feature_distance(maps[f'{prefix}_{v}'], t4, alternative=i == 1,
+                                                                    norm=self.dfm_norm)
         return out
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:

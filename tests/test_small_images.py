@@ -56,12 +56,11 @@ def test_alternative_view_unchanged_at_real_geometry(grid):
     assert torch.equal(new, old) and torch.equal(g_new, g_old)
 
 
-def _resnet18_task(allow_alt_s4=True):
+def _resnet18_task(**kwargs):
     torch.manual_seed(0)
     student = timm.create_model('resnet18', num_classes=10)
     teacher = timm.create_model('vit_tiny_patch16_224', num_classes=10, **TINY_VIT)
-    return build_task('scalekd', student, teacher, img_size=(32, 32), heads_s3=3, heads_s4=3,
-                      alpha_s4=(0.08, 0.06 if allow_alt_s4 else 0.0))
+    return build_task('scalekd', student, teacher, img_size=(32, 32), heads_s3=3, heads_s4=3, **kwargs)
 
 
 def test_resnet18_at_32px_every_term_bounded():
@@ -80,18 +79,21 @@ def test_resnet18_at_32px_every_term_bounded():
     assert unbalanced_terms(norms, 20) == {}
 
 
-def test_resnet18_at_32px_blows_up_with_the_unguarded_normalisation(monkeypatch):
-    """The same setup with F.normalize in the alternative view (the official code's 0/0): what the fix removes."""
-    import distillers.scalekd as scalekd
-    monkeypatch.setattr(scalekd, 'feature_distance', lambda p, t, alternative=False: _official_alt(p, t) if alternative
-                        else feature_distance(p, t))
-    task = _resnet18_task()
+def test_resnet18_at_32px_blows_up_with_the_official_normalisation():
+    """The same setup with --scalekd-dfm-norm official (F.normalize, the official code's 0/0): what the fix removes."""
+    task = _resnet18_task(dfm_norm='official')
     task.train()
     torch.manual_seed(0)
     x, y = torch.randn(8, 3, 32, 32), torch.randint(0, 10, (8,))
     norms = term_gradient_norms(task, x, y, task.get_eval_model().parameters())
     assert not norms['loss_s4_alt'] < 1e3 * norms['loss_cls'], norms
     assert 'loss_s4_alt' in unbalanced_terms(norms)
+
+
+def test_official_normalisation_equals_the_formula():
+    torch.manual_seed(2)
+    p, t = torch.randn(2, 16, 7, 7), torch.randn(2, 16, 7, 7)
+    assert torch.equal(feature_distance(p, t, alternative=True, norm='official'), _official_alt(p, t))
 
 
 def test_loss_balance_measurement_leaves_no_trace():
