@@ -215,14 +215,8 @@ def _plots(results, out):
             idx = [i for i, row in enumerate(runs[0]) if 'eval_top1' in row]
             mean = [statistics.mean(r[i]['eval_top1'] for r in runs) for i in idx]
             ax.plot([runs[0][i]['epoch'] for i in idx], mean, marker='o', label=method)
-        ax.set_title(f'{student}: validation top-1 (mean over seeds)')
-        ax.set_xlabel('epoch')
-        ax.set_ylabel('top-1 (%)')
-        ax.legend()
-        ax.grid(alpha=.3)
-    fig.tight_layout()
-    fig.savefig(os.path.join(out, 'top1_per_epoch.png'), dpi=100)
-    plt.close(fig)
+        _finish_axes(ax, f'{student}: validation top-1 (mean over seeds)', 'top-1 (%)')
+    _save(fig, plt, os.path.join(out, 'top1_per_epoch.png'))
 
     fig, axes = plt.subplots(1, len(students), figsize=(6 * len(students), 4), squeeze=False)
     for ax, student in zip(axes[0], students):
@@ -233,12 +227,22 @@ def _plots(results, out):
             if key in runs[0][0]:
                 ax.plot(epochs, [statistics.mean(r[i][key] for r in runs) for i in range(len(epochs))], label=term)
         ax.set_yscale('log')
-        ax.set_title(f'{student}: ScaleKD loss terms (unweighted, train)')
-        ax.set_xlabel('epoch')
-        ax.legend()
-        ax.grid(alpha=.3)
+        _finish_axes(ax, f'{student}: ScaleKD loss terms (unweighted, train)')
+    _save(fig, plt, os.path.join(out, 'scalekd_terms.png'))
+
+
+def _finish_axes(ax, title, ylabel=None):
+    ax.set_title(title)
+    ax.set_xlabel('epoch')
+    if ylabel:
+        ax.set_ylabel(ylabel)
+    ax.legend()
+    ax.grid(alpha=.3)
+
+
+def _save(fig, plt, path):
     fig.tight_layout()
-    fig.savefig(os.path.join(out, 'scalekd_terms.png'), dpi=100)
+    fig.savefig(path, dpi=100)
     plt.close(fig)
 
 
