@@ -129,7 +129,28 @@ def main(argv=None):
                      f" | {v['mean']:.2f} +- {v['std']:.2f} |")
     if old:
         lines.append(f"| scalekd (paper weights), code before the fix | {old['top1']:.2f} (seed {old['seed']}) |")
-    print('\n'.join(lines))
+    teacher_rows = read_summary(os.path.dirname(teacher_ckpt)) if os.path.isfile(
+        os.path.join(os.path.dirname(teacher_ckpt), 'summary.csv')) else []
+    epoch = torch_epoch(teacher_ckpt)
+    teacher_top1 = next((r['eval_top1'] for r in teacher_rows if int(r['epoch']) == epoch and 'eval_top1' in r), None)
+    report = ['# ScaleKD on small images: timm resnet18 at 32 px (1x1 stage-4 map), Fashion-MNIST, 1,000 images', '',
+              f"Command: `python experiments/small_images.py {' '.join(argv or sys.argv[1:])}`", '',
+              f"Teacher: `scalekd_demo_vit` (8x8 tokens), `{os.path.relpath(teacher_ckpt, ROOT)}` (epoch {epoch}"
+              + (f', top-1 {teacher_top1:.2f} on 1,000 test images' if teacher_top1 is not None else '') + ').',
+              f"Students: `resnet18` (timm, random init) at 32 px, {args.train_per_class} training images per class, "
+              f"{args.epochs} epochs of `recipes/demo_fmnist.yaml`; top-1 after the last epoch on the "
+              f"{summary['settings']['test_images']} test images; nothing tuned.", ''] + lines + ['']
+    with open(os.path.join(out, 'report.md'), 'w') as f:
+        f.write('\n'.join(report))
+    print('\n'.join(report))
+
+
+def torch_epoch(path):
+    """The epoch stored in a training checkpoint (weights-only read)."""
+    import argparse as _argparse
+    import torch
+    with torch.serialization.safe_globals([_argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True).get('epoch')
 
 
 if __name__ == '__main__':
