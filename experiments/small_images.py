@@ -147,9 +147,8 @@ def main(argv=None):
 
 def torch_epoch(path):
     """The epoch stored in a training checkpoint (weights-only read)."""
-    import argparse as _argparse
     import torch
-    with torch.serialization.safe_globals([_argparse.Namespace]):
+    with torch.serialization.safe_globals([argparse.Namespace]):
         return torch.load(path, map_location='cpu', weights_only=True).get('epoch')
 
 
