@@ -46,8 +46,9 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     for stage in ('3', '4'):
         group.add_argument(f'--scalekd-heads-s{stage}', type=int, default=8, metavar='N',
                            help=f'attention heads of the stage-{stage} projectors (default: 8)')
-    group.add_argument('--scalekd-softmax-scale', type=float, nargs=2, default=[5.0, 5.0], metavar=('S3', 'S4'),
-                       help='attention logit scale of the stage-3 and stage-4 projectors (default: 5 5)')
+    group.add_argument('--scalekd-softmax-scale', type=float, nargs=2, default=[5.0, 5.0], metavar=('DIRECT', 'ALT'),
+                       help='attention logit scale of the direct-view and of the alternative-view projectors (both '
+                            'stages; one value per view, as the official code reads the pair) (default: 5 5)')
     group.add_argument('--scalekd-cap-norm', default='bn', type=str, choices=('bn', 'ln'),
                        help='norm in the projector stem: BatchNorm2d or channel LayerNorm (default: bn)')
     group.add_argument('--scalekd-student-s3', type=int, default=None, metavar='IDX',

@@ -112,7 +112,8 @@ class ScaleKDTask(DistillTask):
         student_s3, student_s4: student taps (see models.features.resolve_student_taps).
         alpha_s3, alpha_s4: (direct, alternative) weights of the feature terms per stage.
         heads_s3, heads_s4: attention heads of the stage-3 / stage-4 projectors.
-        softmax_scale: (stage 3, stage 4) attention logit scale.
+        softmax_scale: (direct view, alternative view) attention logit scale of the projectors of both
+            stages, as the official code reads the pair (one value per view, not per stage).
         cap_norm: 'bn' or 'ln' in the projector stem.
         tail_blocks: blocks in the teacher tail for ViT/EVA teachers (default depth // 12).
         dfm_norm: 'safe' (default: no 0/0 at rounding-level positions of the alternative view) or
@@ -175,11 +176,11 @@ class ScaleKDTask(DistillTask):
                 continue
             caps[f's3_{v}'] = CrossAttentionProjector(
                 s3.shape[1], self.tail.in_chs, s3.shape[-2:], self.tail.in_grid, num_heads=heads_s3,
-                softmax_scale=softmax_scale[0], learned_query=True, norm=cap_norm)
+                softmax_scale=softmax_scale[i], learned_query=True, norm=cap_norm)
             if self.alpha['s4'][i] != 0:
                 caps[f's4_{v}'] = CrossAttentionProjector(
                     s4.shape[1], self.tail.out_chs, s4.shape[-2:], self.tail.out_grid, num_heads=heads_s4,
-                    softmax_scale=softmax_scale[1], learned_query=False, norm=cap_norm)
+                    softmax_scale=softmax_scale[i], learned_query=False, norm=cap_norm)
         caps.to(student_device)
         self.trainable_module = ScaleKDModule(student, caps, taps, self.tail)
         self.loss_weights = {'loss_cls': 1.0 - kd_weight, 'loss_kd': kd_weight}

@@ -242,3 +242,16 @@ def test_golden_first_losses():
     got = _golden_losses()
     for k, v in GOLDEN.items():
         assert got[k] == pytest.approx(v, rel=1e-4, abs=1e-5), (k, got[k])
+
+
+def test_softmax_scale_is_read_per_view():
+    """The official pair scales the direct-view projectors ([0]) and the alternative-view ones ([1]) of both
+    stages; a per-stage reading would give s3_b the first value and s4_a the second."""
+    torch.manual_seed(0)
+    student = timm.create_model('scalekd_demo_resnet', num_classes=10)
+    teacher = timm.create_model('scalekd_demo_vit', num_classes=10)
+    task = build_task('scalekd', student, teacher, img_size=(32, 32), softmax_scale=(3.0, 7.0))
+    caps = task.trainable_module.caps
+    for name, cap in caps.items():
+        want = (3.0 if name.endswith('_a') else 7.0) * (cap.out_chs // cap.num_heads) ** -0.5
+        assert cap.scale == pytest.approx(want), name
