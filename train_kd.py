@@ -37,14 +37,16 @@ import models  # noqa: F401  registers the paper's student variants
 from config import parse_args_with_recipe
 from distillers import TeacherLoadError, build_task, create_teacher
 from distillers.balance import reference_term, term_gradient_norms, unbalanced_terms
+from distillers.preflight import check_models, task_build_errors
 from distillers.flags import add_distill_args, check_distill_args, criterion_kwargs, resolve_teacher_img_size, \
     task_kwargs
 from runtime.checkpoint import check_output_dir
 from runtime.data import check_data_dir, guard_bad_images
-from runtime.distributed import collective_failure_message, collective_timeout
+from runtime.distributed import broadcast_module, collective_failure_message, collective_timeout
 from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error
 from runtime.metrics import StepTimer, TermSums, log_train_step
 from runtime.nonfinite import NonFiniteGuard
+from runtime.preflight import check_train_inputs
 from runtime.resume import EpochPosition, check_same_resume, find_resume, load_state_extras, run_config, \
     truncate_summary
 from runtime.saver import RunSaver
@@ -344,6 +346,7 @@ def main(argv=None):
     args, args_text = _parse_args(argv)
     _check_args(build_parser().error, args)
     try:
+        check_train_inputs(args)  # flags, data splits, run folder: before anything is created or written
         return train(args, args_text)
     except FatalError as e:
         log_startup_error(_logger, e)
@@ -627,11 +630,15 @@ def _create_task(args, model, data_config, device, in_chans):
                 checkpoint=args.teacher_checkpoint or None, img_size=args.teacher_img_size, **args.teacher_kwargs)
         except TeacherLoadError as e:
             raise FatalError(str(e)) from None
+        if args.distributed and not args.teacher_checkpoint:  # no file: every rank takes rank 0's weights
+            broadcast_module(teacher)
     img_size = tuple(data_config['input_size'][-2:])
-    task = build_task(
-        args.distiller, model, teacher, criterion_kwargs=criterion_kwargs(args), device=device,
-        **task_kwargs(args, img_size), mean=data_config['mean'], std=data_config['std'],
-    )
+    check_models(args, model, teacher, img_size, in_chans)  # each model takes its input size
+    with task_build_errors(args, model, teacher, img_size):  # a pair ScaleKD cannot fold onto grids: one message
+        task = build_task(
+            args.distiller, model, teacher, criterion_kwargs=criterion_kwargs(args), device=device,
+            **task_kwargs(args, img_size), mean=data_config['mean'], std=data_config['std'],
+        )
     if utils.is_primary(args) and teacher is not None:
         n_extra = sum(p.numel() for p in task.get_trainable_module().parameters()) - \
             sum(p.numel() for p in model.parameters())

@@ -48,3 +48,14 @@ def collective_failure_message(e: BaseException, rank: int, timeout: Optional[fl
     return (f'rank {rank}: a collective failed because another rank died or stopped responding ({detail}; '
             f'--dist-timeout {timeout:g}s). The first failing rank\'s log has the cause; after fixing it, '
             f'restart the launch with --resume auto')
+
+
+def broadcast_module(module, src: int = 0) -> None:
+    """Copy rank ``src``'s parameters and buffers into ``module`` on every rank (collective), e.g. a teacher
+    without a checkpoint, whose random initialisation would otherwise differ between ranks."""
+    import torch
+    if not (dist.is_available() and dist.is_initialized()):
+        return
+    with torch.no_grad():
+        for t in list(module.parameters()) + list(module.buffers()):
+            dist.broadcast(t.data, src)

@@ -1,0 +1,81 @@
+"""Model pre-flight of train_kd.py: the student and the teacher take their input sizes, and a ScaleKD pair
+yields the feature grids the projectors need; otherwise one FatalError naming the models and the shapes.
+
+Runs once the models exist and before the task, the loaders or the run folder (``runtime.preflight`` checks
+the flags and the data before that).
+"""
+from contextlib import contextmanager
+from typing import Optional, Tuple
+
+import torch
+import torch.nn as nn
+
+from models.features import resolve_student_taps
+from models.tails import TeacherTail
+from runtime.errors import FatalError, short
+from runtime.preflight import check_model_input
+
+
+def _shape(t) -> str:
+    return 'x'.join(str(d) for d in t.shape[1:]) if isinstance(t, torch.Tensor) else type(t).__name__
+
+
+def check_models(args, student: nn.Module, teacher: Optional[nn.Module], img_size: Tuple[int, int],
+                 in_chans: int) -> None:
+    """Student at ``img_size`` and teacher at ``--teacher-img-size`` (or the same size) run one dry forward."""
+    h, w = img_size
+    check_model_input(student, args.model, (in_chans, h, w), 'student',
+                      f'Pass the --img-size it takes, or build it for {h} px with --model-kwargs img_size={h}')
+    if teacher is not None:
+        size = (args.teacher_img_size,) * 2 if args.teacher_img_size else (h, w)
+        check_model_input(teacher, args.teacher, (in_chans, *size), 'teacher',
+                          'Pass --teacher-img-size N, the size it was built and trained for (the student batch is '
+                          'resized to it), or build it for this size with --teacher-kwargs img_size=N')
+
+
+def describe_scalekd_pair(args, student: nn.Module, teacher: nn.Module, img_size: Tuple[int, int]) -> str:
+    """What the student's taps and the teacher's tail give at these sizes (each part that can be computed)."""
+    parts = []
+    h, w = img_size
+    try:
+        taps = resolve_student_taps(student, args.scalekd_student_s3, args.scalekd_student_s4)
+        idx = [taps.s3] if taps.s4 == 'final' else sorted({taps.s3, taps.s4})
+        was = student.training
+        student.eval()
+        try:
+            with torch.random.fork_rng(devices=[]), torch.no_grad():
+                final, inter = student.forward_intermediates(torch.zeros(1, 3, h, w), indices=idx, output_fmt='NCHW')
+        finally:
+            student.train(was)
+        shown = ', '.join(f'tap {i}: {_shape(t)}' for i, t in zip(idx, inter if isinstance(inter, list) else []))
+        parts.append(f'student {args.model} at {h}x{w}: {shown or "no intermediate maps"}, final features '
+                     f'{_shape(final)} (stage-4 needs CxHxW, or HxW patch tokens)')
+    except Exception as e:
+        parts.append(f'student {args.model}: its stage taps cannot be read ({short(e)})')
+    size = (args.teacher_img_size,) * 2 if args.teacher_img_size else (h, w)
+    try:
+        tail = TeacherTail(teacher, size, num_blocks=args.scalekd_tail_blocks)
+        parts.append(f'teacher {args.teacher} at {size[0]}x{size[1]}: last stage {tail.in_chs}x{tail.in_grid[0]}x'
+                     f'{tail.in_grid[1]} -> {tail.out_chs}x{tail.out_grid[0]}x{tail.out_grid[1]}')
+    except Exception as e:
+        parts.append(f'teacher {args.teacher}: no last stage ({short(e)})')
+    return '; '.join(parts)
+
+
+@contextmanager
+def task_build_errors(args, student: nn.Module, teacher: Optional[nn.Module], img_size: Tuple[int, int]):
+    """An error while a distillation task is built (projectors, taps, tail) becomes one FatalError with the pair."""
+    try:
+        yield
+    except FatalError:
+        raise
+    except Exception as e:
+        if args.distiller != 'scalekd' or teacher is None:
+            raise FatalError(f'--distiller {args.distiller} cannot be set up for student {args.model} and teacher '
+                             f'{args.teacher} ({short(e)})') from None
+        raise FatalError(
+            f'--distiller scalekd cannot pair student {args.model} with teacher {args.teacher}: {short(e).rstrip(".")}. '
+            f'{describe_scalekd_pair(args, student, teacher, img_size)}. ScaleKD folds the student\'s stage-3 and '
+            f'stage-4 features and the teacher\'s last stage onto 2-D grids: use a CNN, ViT/Mixer or Swin student '
+            f'(pooling-token models such as PiT or CrossViT have none), pick other taps with --scalekd-student-s3/'
+            f'-s4, or use --distiller kd') from None
