@@ -100,15 +100,23 @@ def read_recipe(path: str) -> Dict[str, Any]:
     """Read a recipe into {key: (section or None, value)}; checks structure, not keys."""
     if not os.path.isfile(path):
         raise RecipeError(f"recipe file '{path}' does not exist; pass a path such as recipes/swinl_r50.yaml")
-    with open(path) as f:
-        try:
-            raw = yaml.safe_load(f)
-        except yaml.YAMLError as e:
-            raise RecipeError(f"recipe file '{path}' is not valid YAML: {e}") from None
+    try:
+        with open(path, 'rb') as f:
+            text = f.read().decode('utf-8')
+    except UnicodeDecodeError as e:
+        raise RecipeError(f"recipe file '{path}' is not a text file (byte {e.start} is not UTF-8); pass a YAML "
+                          f"recipe such as recipes/swinl_r50.yaml") from None
+    except OSError as e:
+        raise RecipeError(f"recipe file '{path}' cannot be read ({e.strerror}); check its permissions") from None
+    try:
+        raw = yaml.safe_load(text)
+    except yaml.YAMLError as e:
+        raise RecipeError(f"recipe file '{path}' is not valid YAML: {' '.join(str(e).split())}; fix it or pass "
+                          f"a recipe such as recipes/swinl_r50.yaml") from None
     if raw is None:
         return {}
     if not isinstance(raw, dict):
-        raise RecipeError(f"recipe file '{path}' must be a mapping of keys to values, got {type(raw).__name__}")
+        raise RecipeError(f"recipe file '{path}' must be a mapping of keys to values, got {type(raw).__name__}; write 'key: value' lines (see recipes/swinl_r50.yaml)")
     flat: Dict[str, Any] = {}
     where: Dict[str, str] = {}
     for top, val in raw.items():

@@ -28,6 +28,7 @@ import models  # noqa: F401  registers the demo / paper student variants
 from config import run_settings
 from runtime.checkpoint import atomic_write, load_strict, load_weights_only, read_checkpoint
 from runtime.errors import FatalError, log_startup_error, short
+from runtime.preflight import check_numeric_flags, check_output_file
 from validate import STRICT_HINT, validate_main
 
 _logger = logging.getLogger('export')
@@ -135,6 +136,7 @@ def _write(state: dict, path: str, settings: dict, check=None) -> None:
 
 def export_main(argv=None) -> dict:
     args = _parser().parse_args(argv)
+    check_numeric_flags(args)
     ckpt = load_weights_only(args.checkpoint)
     if args.from_official:
         state, settings, model = _official_student(ckpt, args)
@@ -165,6 +167,7 @@ def export_main(argv=None) -> dict:
         raise FatalError(f"--output '{output}' must end in .safetensors or .pth")
     if os.path.abspath(output) == os.path.abspath(args.checkpoint):
         raise FatalError('--output must not overwrite the --checkpoint')
+    check_output_file(output, '--output')  # its folder exists and is writable
     _logger.info(f"Exporting the {what}")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     results = {}

@@ -22,7 +22,6 @@ from functools import partial
 
 import torch
 import torch.distributed as dist
-from torch.utils.tensorboard import SummaryWriter
 
 import timm
 from timm import utils
@@ -41,10 +40,10 @@ from distillers.preflight import check_models, task_build_errors
 from distillers.flags import add_distill_args, check_distill_args, criterion_kwargs, resolve_teacher_img_size, \
     task_kwargs
 from runtime.checkpoint import check_output_dir
-from runtime.data import check_data_dir, guard_bad_images
+from runtime.data import check_bad_images, check_data_dir, guard_bad_images
 from runtime.distributed import broadcast_module, collective_failure_message, collective_timeout
 from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error
-from runtime.metrics import StepTimer, TermSums, log_train_step
+from runtime.metrics import StepTimer, TermSums, log_train_step, tensorboard_writer
 from runtime.nonfinite import NonFiniteGuard
 from runtime.preflight import check_train_inputs
 from runtime.resume import EpochPosition, check_same_resume, find_resume, load_state_extras, run_config, \
@@ -474,7 +473,9 @@ def train(args, args_text):
             saver.adopt_recovery(resume_path)  # rotated away by the next recovery saves
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
             f.write(args_text)
-        writer = SummaryWriter(log_dir=os.path.join(output_dir, 'tb'))
+        done = start_epoch * ((len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps) + \
+            resume_batch // args.grad_accum_steps
+        writer = tensorboard_writer(os.path.join(output_dir, 'tb'), done if resume_path else None)
         _logger.info(f'Output folder: {output_dir}')
 
     # setup learning rate schedule (a mid-epoch resume continues at the update after the checkpoint)
@@ -528,6 +529,7 @@ def train(args, args_text):
             eval_metrics = None
             if loader_eval is not None and ((epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs):
                 eval_metrics = _validate_student_and_ema(task, loader_eval, args, device, amp_autocast)
+                check_bad_images(loader_eval, device)
 
             if utils.is_primary(args):
                 _write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir,
@@ -857,6 +859,8 @@ def train_one_epoch(
         # a stop signal: agreed on every update in one process, across ranks at log points and every 10 updates
         stop = stop_requested(args.distributed, device) if not args.distributed or log_now or \
             num_updates % 10 == 0 else False
+        if args.distributed and (log_now or num_updates % 10 == 0):
+            check_bad_images(loader, device)  # --max-bad-images counts the skips of every rank
         if stop or (args.recovery_interval and num_updates % args.recovery_interval == 0 and not last_batch):
             guard.flush()
             run_state = dict(**position.rng_states(args.distributed), epoch_sums=sums.state(),

@@ -33,9 +33,11 @@ import models  # noqa: F401  registers the demo / paper student variants
 from config import SETTING_KEYS, RecipeError, coerce_value, read_recipe, run_settings
 from distillers import TeacherLoadError, create_teacher
 from distillers.base import TeacherOnStudentInput
+from distillers.flags import teacher_size
 from runtime.checkpoint import load_strict, read_checkpoint
 from runtime.data import check_data_dir
 from runtime.errors import FatalError, log_startup_error, short
+from runtime.preflight import check_numeric_flags, check_output_file
 
 _logger = logging.getLogger('validate')
 
@@ -64,6 +66,8 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--teacher-checkpoint', default='', metavar='PATH', help='teacher weights from a local file')
     p.add_argument('--teacher-kwargs', nargs='*', default=None, action=utils.ParseKwargs,
                    help='extra teacher model kwargs')
+    p.add_argument('--teacher-img-size', type=int, default=None, metavar='N',
+                   help='build the teacher for this input size (as train_kd.py; same as --teacher-kwargs img_size=N)')
     p.add_argument('-j', '--workers', default=4, type=int, metavar='N', help='data loading workers (default: 4)')
     p.add_argument('-b', '--batch-size', default=256, type=int, metavar='N', help='mini-batch size (default: 256)')
     p.add_argument('--img-size', default=None, type=int, metavar='N', help='input image size')
@@ -154,9 +158,12 @@ def _build_teacher(args, settings: Dict[str, Any]) -> nn.Module:
                                                                        what='--teacher-checkpoint')[0])
     args.num_classes = num_classes or get_pretrained_cfg_value(args.teacher, 'num_classes') or 1000
     kwargs = dict(settings.get('teacher_kwargs') or {}, **(args.teacher_kwargs or {}))
+    size = teacher_size(args.teacher_img_size, kwargs)  # --teacher-img-size or --teacher-kwargs img_size=
+    if size and args.img_size is None and args.input_size is None:
+        args.img_size = size  # the teacher's pretrained_cfg may name another size than it is built for
     try:
         return create_teacher(args.teacher, num_classes=args.num_classes, in_chans=args.in_chans or 3,
-                              checkpoint=args.teacher_checkpoint or None, **kwargs)
+                              checkpoint=args.teacher_checkpoint or None, img_size=size, **kwargs)
     except TeacherLoadError as e:
         raise FatalError(str(e)) from None
     except Exception as e:  # hub weights unavailable (offline) or bad kwargs
@@ -169,6 +176,9 @@ def validate_main(argv=None, settings: Optional[Dict[str, Any]] = None) -> Dict[
     parser = _parser()
     args = parser.parse_args(argv)
     args.prefetcher = not args.no_prefetcher
+    check_numeric_flags(args)
+    if args.results_file:
+        check_output_file(args.results_file, '--results-file')
     recipe = _recipe_settings(args.config, parser) if args.config else {}
     if args.teacher:  # the recipe's student settings (model, sizes, mean/std) do not describe the teacher
         recipe = {k: v for k, v in recipe.items() if k in ('num_classes', 'teacher_kwargs')}

@@ -115,3 +115,13 @@ def resolve_teacher_img_size(args: argparse.Namespace) -> None:
         raise FatalError(f'--teacher-img-size {args.teacher_img_size} and --teacher-kwargs img_size={kw_size} '
                          f'disagree; pass only one of them')
     args.teacher_img_size = args.teacher_img_size or kw_size
+
+
+def teacher_size(teacher_img_size, teacher_kwargs) -> int:
+    """The teacher's input size from --teacher-img-size and/or --teacher-kwargs img_size= (popped from the
+    kwargs); both given and different stops with a message."""
+    kw_size = teacher_kwargs.pop('img_size', None) if isinstance(teacher_kwargs, dict) else None
+    if kw_size is not None and teacher_img_size and kw_size != teacher_img_size:
+        raise FatalError(f'--teacher-img-size {teacher_img_size} and --teacher-kwargs img_size={kw_size} '
+                         f'disagree; pass only one of them')
+    return teacher_img_size or kw_size

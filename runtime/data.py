@@ -3,6 +3,7 @@ import logging
 import os
 
 import torch
+import torch.distributed as dist
 from PIL import Image
 
 from .errors import FatalError
@@ -40,10 +41,11 @@ class BadImageGuard(torch.utils.data.Dataset):
     """
     _SLOTS = 257  # main process + up to 256 loader workers
 
-    def __init__(self, dataset, max_bad: int = 100, split: str = 'train'):
+    def __init__(self, dataset, max_bad: int = 100, split: str = 'train', local_limit: bool = True):
         self.dataset = dataset
         self.max_bad = max_bad
         self.split = split
+        self.local_limit = local_limit  # False with several processes: the limit is checked across ranks
         self.counts = torch.zeros(self._SLOTS, dtype=torch.int64).share_memory_()
 
     # create_loader / AugMixDataset set the transform on the dataset they get: forward it
@@ -85,10 +87,11 @@ class BadImageGuard(torch.utils.data.Dataset):
         self.counts[slot] += 1
         total = self.bad_count
         name = self._name(index)
-        _logger.warning(f"skipped unreadable image '{name}' ({type(e).__name__}: {str(e)[:200]}); "
-                        f"{total} bad image(s) in the {self.split} split so far (limit --max-bad-images "
-                        f"{self.max_bad})")
-        if total > self.max_bad:
+        if total <= self.max_bad + 1 or not self.local_limit:  # past the limit: the stop message is the last word
+            _logger.warning(f"skipped unreadable image '{name}' ({type(e).__name__}: {str(e)[:200]}); "
+                            f"{total} bad image(s) in the {self.split} split so far (limit --max-bad-images "
+                            f"{self.max_bad})")
+        if total > self.max_bad and self.local_limit:
             raise FatalError(f"more than --max-bad-images {self.max_bad} images of the {self.split} split could "
                              f"not be read (last: '{name}'; all are named in the log); repair or remove them, or "
                              f"raise --max-bad-images")
@@ -115,11 +118,40 @@ class BadImageGuard(torch.utils.data.Dataset):
         return (img, target, *features) if ds.additional_features is not None else (img, target)
 
 
+def _distributed() -> bool:
+    return dist.is_available() and dist.is_initialized() and dist.get_world_size() > 1
+
+
 def guard_bad_images(dataset, max_bad: int, split: str):
-    """``dataset`` wrapped in a BadImageGuard when it is an image-file dataset, else unchanged."""
+    """``dataset`` wrapped in a BadImageGuard when it is an image-file dataset, else unchanged. With several
+    processes the limit is not checked per process but across ranks (``check_bad_images``)."""
     if dataset is None or not all(hasattr(dataset, a) for a in ('reader', 'load_bytes', 'input_img_mode')):
         return dataset
-    return BadImageGuard(dataset, max_bad=max_bad, split=split)
+    return BadImageGuard(dataset, max_bad=max_bad, split=split, local_limit=not _distributed())
+
+
+def _find_guard(obj, depth: int = 4):
+    """The BadImageGuard under a loader (PrefetchLoader -> DataLoader -> [AugMixDataset ->] guard), or None."""
+    for _ in range(depth):
+        if obj is None or isinstance(obj, BadImageGuard):
+            return obj
+        obj = getattr(obj, 'loader', None) if hasattr(obj, 'loader') else getattr(obj, 'dataset', None)
+    return obj if isinstance(obj, BadImageGuard) else None
+
+
+def check_bad_images(loader, device) -> None:
+    """With several processes: stop every rank once the ranks together skipped more than --max-bad-images
+    unreadable images (collective: every rank calls it at the same step)."""
+    guard = _find_guard(loader)
+    if guard is None or guard.local_limit or not _distributed():
+        return
+    total = torch.tensor([float(guard.bad_count)], device=device)
+    dist.all_reduce(total)
+    total = int(total.item())
+    if total > guard.max_bad:
+        raise FatalError(f"more than --max-bad-images {guard.max_bad} images of the {guard.split} split could not "
+                         f"be read ({total} across {dist.get_world_size()} processes, this one {guard.bad_count}; "
+                         f"each is named in the log); repair or remove them, or raise --max-bad-images")
 
 
 # --- the splits of an ImageFolder root, before any loader exists ----------------------------------------------

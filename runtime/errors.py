@@ -1,4 +1,6 @@
 """Errors a run stops on with one message, and the exit codes a requeue script reads."""
+import gc
+
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, a recovery checkpoint was written; requeue me
 EXIT_FATAL = 2  # bad input or a run that cannot continue; do not requeue
 
@@ -8,7 +10,19 @@ class FatalError(RuntimeError):
     exit_code = EXIT_FATAL
 
 
+def release_frames(e: BaseException) -> None:
+    """Drop the frames an exception holds (and those of its causes), then collect them: a DataLoader iterator
+    still alive in them has its worker processes joined now, so none prints after the error message."""
+    seen = set()
+    while e is not None and id(e) not in seen:
+        seen.add(id(e))
+        e.__traceback__ = None
+        e = e.__cause__ or e.__context__
+    gc.collect()
+
+
 def log_startup_error(logger, e: Exception) -> None:
+    release_frames(e)
     msg = str(e)
     if 'Original Traceback' in msg:  # raised in a DataLoader worker: keep the message, drop the traceback
         msg = msg.rstrip().splitlines()[-1].split('FatalError: ', 1)[-1]

@@ -127,3 +127,11 @@ def log_train_step(epoch: int, update_idx: int, updates_per_epoch: int, step: in
     if teacher_ms is not None:
         writer.add_scalar('train/teacher_ms', teacher_ms, step)
         writer.add_scalar('train/student_loss_ms', step_ms - teacher_ms * accum_steps, step)
+
+
+def tensorboard_writer(log_dir: str, resumed_updates: Optional[int] = None):
+    """TensorBoard's SummaryWriter. After a resume (``resumed_updates``: the updates already trained) it starts
+    with ``purge_step`` at the next update, so TensorBoard hides what a stopped run wrote for the updates trained
+    again: every scalar keeps one event per step."""
+    from torch.utils.tensorboard import SummaryWriter
+    return SummaryWriter(log_dir=log_dir, purge_step=None if resumed_updates is None else resumed_updates + 1)
