@@ -323,3 +323,24 @@ def test_resume_with_tensorboard_has_one_event_per_step(env, tmp_path):
     for tag in tags:
         steps = [e.step for e in acc.Scalars(tag)]
         assert steps == sorted(set(steps)) == list(range(1, 7)), (tag, steps)
+
+
+# --- a teacher without a checkpoint: rank 0's weights on every rank -----------------------------------------
+def _rank_teacher(rank, init_file, out):
+    import torch.distributed as dist
+    from runtime.distributed import broadcast_module
+    dist.init_process_group('gloo', init_method=f'file://{init_file}', rank=rank, world_size=2)
+    torch.manual_seed(rank)  # what seed + rank gives each rank before the teacher is created
+    teacher = timm.create_model('scalekd_demo_vit', num_classes=3)
+    broadcast_module(teacher)
+    torch.save(teacher.state_dict(), f'{out}.{rank}')
+    dist.destroy_process_group()
+
+
+def test_teacher_without_checkpoint_is_rank_0s_on_every_rank(tmp_path):
+    torch.multiprocessing.spawn(_rank_teacher, args=(str(tmp_path / 'init'), str(tmp_path / 'teacher')), nprocs=2)
+    a, b = (torch.load(tmp_path / f'teacher.{r}', weights_only=True) for r in range(2))
+    assert a.keys() == b.keys() and all(torch.equal(a[k], b[k]) for k in a)
+    torch.manual_seed(0)
+    ref = timm.create_model('scalekd_demo_vit', num_classes=3).state_dict()
+    assert all(torch.equal(a[k], ref[k]) for k in a)
