@@ -633,7 +633,7 @@ def _create_task(args, model, data_config, device, in_chans):
         except TeacherLoadError as e:
             raise FatalError(str(e)) from None
         if args.distributed and not args.teacher_checkpoint:  # no file: every rank takes rank 0's weights
-            broadcast_module(teacher)
+            broadcast_module(teacher, device)
     img_size = tuple(data_config['input_size'][-2:])
     check_models(args, model, teacher, img_size, in_chans)  # each model takes its input size
     with task_build_errors(args, model, teacher, img_size):  # a pair ScaleKD cannot fold onto grids: one message

@@ -50,12 +50,16 @@ def collective_failure_message(e: BaseException, rank: int, timeout: Optional[fl
             f'restart the launch with --resume auto')
 
 
-def broadcast_module(module, src: int = 0) -> None:
+def broadcast_module(module, device=None, src: int = 0) -> None:
     """Copy rank ``src``'s parameters and buffers into ``module`` on every rank (collective), e.g. a teacher
-    without a checkpoint, whose random initialisation would otherwise differ between ranks."""
+    without a checkpoint, whose random initialisation would otherwise differ between ranks. Each tensor goes
+    through ``device`` (NCCL broadcasts GPU tensors only)."""
     import torch
     if not (dist.is_available() and dist.is_initialized()):
         return
     with torch.no_grad():
         for t in list(module.parameters()) + list(module.buffers()):
-            dist.broadcast(t.data, src)
+            buf = t.data.to(device) if device is not None else t.data
+            dist.broadcast(buf, src)
+            if buf is not t.data:
+                t.data.copy_(buf)

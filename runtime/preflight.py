@@ -207,8 +207,8 @@ def check_output_path(output_dir: str, flag: str = '--output DIR') -> None:
     probe, why = _existing_ancestor(output_dir)
     if why is not None:
         where = '' if probe == os.path.abspath(output_dir) else f" ('{probe}' is in the way)"
-        raise FatalError(f"output folder '{output_dir}' is not writable ({why}){where}; pass {flag} on a "
-                         f"writable disk")
+        raise FatalError(f"output folder '{output_dir}' is not writable ({why}); pass {flag} on a writable "
+                         f"disk{where}")
 
 
 def check_output_file(path: str, flag: str, create_parents: bool = False) -> None:
