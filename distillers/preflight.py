@@ -73,9 +73,13 @@ def task_build_errors(args, student: nn.Module, teacher: Optional[nn.Module], im
         if args.distiller != 'scalekd' or teacher is None:
             raise FatalError(f'--distiller {args.distiller} cannot be set up for student {args.model} and teacher '
                              f'{args.teacher} ({short(e)})') from None
+        grids = any(s in str(e) for s in ('fold', 'ndim', 'feature shape', 'feature_info'))
+        fix = ('ScaleKD folds the student\'s stage-3 and stage-4 features and the teacher\'s last stage onto 2-D '
+               'grids: use a CNN, ViT/Mixer or Swin student (pooling-token models such as PiT or CrossViT have '
+               'none), pick other taps with --scalekd-student-s3/-s4, or use --distiller kd') if grids else \
+            ('Correct the setting the error names (--scalekd-heads-s3/-s4 must divide the projector width, '
+             '--scalekd-student-s3/-s4 index the student\'s feature levels, --scalekd-tail-blocks is below the '
+             'teacher\'s depth), or use --distiller kd')
         raise FatalError(
             f'--distiller scalekd cannot pair student {args.model} with teacher {args.teacher}: {short(e).rstrip(".")}. '
-            f'{describe_scalekd_pair(args, student, teacher, img_size)}. ScaleKD folds the student\'s stage-3 and '
-            f'stage-4 features and the teacher\'s last stage onto 2-D grids: use a CNN, ViT/Mixer or Swin student '
-            f'(pooling-token models such as PiT or CrossViT have none), pick other taps with --scalekd-student-s3/'
-            f'-s4, or use --distiller kd') from None
+            f'{describe_scalekd_pair(args, student, teacher, img_size)}. {fix}') from None

@@ -265,9 +265,62 @@ def check_train_inputs(args: Any) -> None:
     flags, the run folder, the ImageFolder splits (against the batch size and the process count)."""
     from .data import check_data_dir, check_splits  # noqa: E402  (data imports PIL; keep this file light)
     check_numeric_flags(args)
+    check_train_choices(args)
     check_output_path(os.path.join(args.output or './output/train', args.experiment or ''))
     if args.dataset:
         return
     check_data_dir(args.data_dir, (args.train_split,))
     world_size = int(os.environ.get('WORLD_SIZE', '1') or 1)
     check_splits(args.data_dir, args.train_split, args.val_split, args.batch_size, world_size, args.class_map)
+
+
+SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'wsd', 'rsqrt', 'constant', 'plateau', 'none')
+EVAL_METRICS = ('top1', 'top5', 'loss')
+CLIP_MODES = ('norm', 'value', 'agc')
+
+
+def check_train_choices(args: Any) -> None:
+    """Names and files train_kd.py would only trip over after the models are built (or after an epoch)."""
+    from timm.optim import get_optimizer_info
+    try:
+        get_optimizer_info(args.opt.lower().split('_')[-1])
+    except ValueError:
+        raise FatalError(f"--opt {args.opt} is not an optimizer of timm; pass one of timm.optim.list_optimizers() "
+                         f"(e.g. sgd, adamw, lamb), optionally prefixed lookahead_") from None
+    for flag, value, valid in (('--sched', args.sched, SCHEDULERS), ('--eval-metric', args.eval_metric, EVAL_METRICS),
+                               ('--clip-mode', args.clip_mode, CLIP_MODES)):
+        if value not in valid:
+            raise FatalError(f"{flag} {value} is not one of {', '.join(valid)}; pass one of them")
+    if args.device.startswith('cuda') and not torch.cuda.is_available():
+        raise FatalError(f"--device {args.device}: no CUDA device is available here; pass --device cpu")
+    for flag, path in (('--class-map', args.class_map), ('--initial-checkpoint', args.initial_checkpoint),
+                       ('--pretrained-path', args.pretrained_path)):
+        if path and not os.path.isfile(path):
+            raise FatalError(f"{flag} '{path}' does not exist; pass an existing file or drop {flag}")
+    for role, name, kwargs, flag in (('student', args.model, args.model_kwargs, '--model-kwargs'),
+                                     ('teacher', getattr(args, 'teacher', ''), getattr(args, 'teacher_kwargs', {}),
+                                      '--teacher-kwargs')):
+        if name and kwargs:
+            check_model_kwargs(role, name, kwargs, flag)
+
+
+def check_model_kwargs(role: str, name: str, kwargs: dict, flag: str) -> None:
+    """``timm.create_model(name, **kwargs)`` accepts the keywords (built on the meta device: no memory, no RNG)."""
+    import random
+    import numpy as np
+    import timm
+    py_state, np_state = random.getstate(), np.random.get_state()
+    try:
+        with torch.random.fork_rng(devices=[]), torch.device('meta'):
+            timm.create_model(name, pretrained=False, **kwargs)
+    except TypeError as e:
+        if 'keyword argument' not in str(e):
+            return
+        shown = ' '.join(f'{k}={v}' for k, v in kwargs.items())
+        raise FatalError(f"{role} {name} cannot be built with {flag} {shown} ({short(e)}); drop or correct the "
+                         f"keyword (see the model class's arguments in timm)") from None
+    except Exception:  # anything else is reported where the model is really built
+        return
+    finally:
+        random.setstate(py_state)
+        np.random.set_state(np_state)

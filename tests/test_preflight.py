@@ -344,3 +344,27 @@ def test_teacher_without_checkpoint_is_rank_0s_on_every_rank(tmp_path):
     torch.manual_seed(0)
     ref = timm.create_model('scalekd_demo_vit', num_classes=3).state_dict()
     assert all(torch.equal(a[k], ref[k]) for k in a)
+
+
+# --- names and files that failed only once the models were built (or after an epoch) ------------------------
+@pytest.mark.parametrize('extra,expect', [
+    (['--opt', 'adamq'], '--opt adamq is not an optimizer of timm'),
+    (['--sched', 'cosin'], '--sched cosin is not one of cosine, tanh'),
+    (['--eval-metric', 'top9'], '--eval-metric top9 is not one of top1, top5, loss'),
+    (['--clip-grad', '1', '--clip-mode', 'l2'], '--clip-mode l2 is not one of norm, value, agc'),
+    (['--class-map', 'no_such_map.txt'], "--class-map 'no_such_map.txt' does not exist"),
+    (['--initial-checkpoint', 'no_such.pth'], "--initial-checkpoint 'no_such.pth' does not exist"),
+    (['--model-kwargs', 'depthh=3'], 'student scalekd_demo_resnet cannot be built with --model-kwargs depthh=3'),
+    (['--distiller', 'kd', '--teacher', 'scalekd_demo_vit', '--teacher-kwargs', 'heads=3'],
+     'teacher scalekd_demo_vit cannot be built with --teacher-kwargs heads=3'),
+    (['--distiller', 'scalekd', '--teacher', 'scalekd_demo_vit', '--scalekd-heads-s3', '7'],
+     'CAP width 96 is not divisible by 7 heads'),
+    (['--distiller', 'scalekd', '--teacher', 'scalekd_demo_vit', '--scalekd-tail-blocks', '9'],
+     'teacher tail of 9 blocks is out of range for a 4-block teacher'),
+    (['--scale', '0.9', '0.1'], '--scale 0.9 0.1: the first (smallest crop area) must not exceed the second'),
+    (['--mean', '0.5', '--std', '0.5', '0.5'], '--mean has 1 values but --std 2'),
+])
+def test_names_and_files_refused_before_step_0(env, caplog, extra, expect):
+    if '--teacher' in extra:
+        extra = extra + ['--teacher-checkpoint', env[2]]
+    _refused(env, caplog, extra, expect)
