@@ -34,18 +34,17 @@ from timm.task import resume_task_checkpoint, load_task_ema_checkpoint
 
 import models  # noqa: F401  registers the paper's student variants
 from config import parse_args_with_recipe
-from distillers import TeacherLoadError, build_task, create_teacher
+from distillers import TeacherLoadError, create_teacher
 from distillers.balance import reference_term, term_gradient_norms, unbalanced_terms
-from distillers.preflight import check_models, task_build_errors
+from distillers.preflight import check_train_inputs, checked_build_task, settle_models
 from distillers.flags import add_distill_args, check_distill_args, criterion_kwargs, resolve_teacher_img_size, \
     task_kwargs
 from runtime.checkpoint import check_output_dir
 from runtime.data import check_bad_images, check_data_dir, guard_bad_images
-from runtime.distributed import broadcast_module, collective_failure_message, collective_timeout
+from runtime.distributed import collective_failure_message, collective_timeout
 from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error
 from runtime.metrics import StepTimer, TermSums, log_train_step, tensorboard_writer
 from runtime.nonfinite import NonFiniteGuard
-from runtime.preflight import check_train_inputs
 from runtime.resume import EpochPosition, check_same_resume, find_resume, load_state_extras, run_config, \
     truncate_summary
 from runtime.saver import RunSaver
@@ -473,9 +472,7 @@ def train(args, args_text):
             saver.adopt_recovery(resume_path)  # rotated away by the next recovery saves
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
             f.write(args_text)
-        done = start_epoch * ((len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps) + \
-            resume_batch // args.grad_accum_steps
-        writer = tensorboard_writer(os.path.join(output_dir, 'tb'), done if resume_path else None)
+        writer = tensorboard_writer(output_dir, resume_path, start_epoch, resume_batch, len(loader_train), args)
         _logger.info(f'Output folder: {output_dir}')
 
     # setup learning rate schedule (a mid-epoch resume continues at the update after the checkpoint)
@@ -529,7 +526,6 @@ def train(args, args_text):
             eval_metrics = None
             if loader_eval is not None and ((epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs):
                 eval_metrics = _validate_student_and_ema(task, loader_eval, args, device, amp_autocast)
-                check_bad_images(loader_eval, device)
 
             if utils.is_primary(args):
                 _write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir,
@@ -632,15 +628,12 @@ def _create_task(args, model, data_config, device, in_chans):
                 checkpoint=args.teacher_checkpoint or None, img_size=args.teacher_img_size, **args.teacher_kwargs)
         except TeacherLoadError as e:
             raise FatalError(str(e)) from None
-        if args.distributed and not args.teacher_checkpoint:  # no file: every rank takes rank 0's weights
-            broadcast_module(teacher, device)
     img_size = tuple(data_config['input_size'][-2:])
-    check_models(args, model, teacher, img_size, in_chans)  # each model takes its input size
-    with task_build_errors(args, model, teacher, img_size):  # a pair ScaleKD cannot fold onto grids: one message
-        task = build_task(
-            args.distiller, model, teacher, criterion_kwargs=criterion_kwargs(args), device=device,
-            **task_kwargs(args, img_size), mean=data_config['mean'], std=data_config['std'],
-        )
+    settle_models(args, model, teacher, img_size, in_chans, device)  # same teacher on every rank; sizes they take
+    task = checked_build_task(  # a pair the distiller cannot set up (e.g. no ScaleKD grids) stops with one message
+        args, img_size, args.distiller, model, teacher, criterion_kwargs=criterion_kwargs(args), device=device,
+        **task_kwargs(args, img_size), mean=data_config['mean'], std=data_config['std'],
+    )
     if utils.is_primary(args) and teacher is not None:
         n_extra = sum(p.numel() for p in task.get_trainable_module().parameters()) - \
             sum(p.numel() for p in model.parameters())
@@ -859,8 +852,7 @@ def train_one_epoch(
         # a stop signal: agreed on every update in one process, across ranks at log points and every 10 updates
         stop = stop_requested(args.distributed, device) if not args.distributed or log_now or \
             num_updates % 10 == 0 else False
-        if args.distributed and (log_now or num_updates % 10 == 0):
-            check_bad_images(loader, device)  # --max-bad-images counts the skips of every rank
+        check_bad_images(loader, device, now=log_now or num_updates % 10 == 0)  # --max-bad-images: all ranks
         if stop or (args.recovery_interval and num_updates % args.recovery_interval == 0 and not last_batch):
             guard.flush()
             run_state = dict(**position.rng_states(args.distributed), epoch_sums=sums.state(),

@@ -35,7 +35,7 @@ from distillers import TeacherLoadError, create_teacher
 from distillers.base import TeacherOnStudentInput
 from distillers.flags import teacher_size
 from runtime.checkpoint import load_strict, read_checkpoint
-from runtime.data import check_data_dir
+from runtime.data import check_bad_images, check_data_dir
 from runtime.errors import FatalError, log_startup_error, short
 from runtime.preflight import check_numeric_flags, check_output_file
 
@@ -298,6 +298,7 @@ def evaluate(model, loader, args, device, amp_autocast=suppress, log_suffix='', 
         sums += torch.stack([loss * n, acc1 * n, acc5 * n, torch.tensor(float(n), device=device)]).double()
     if args.distributed:
         dist.all_reduce(sums)
+    check_bad_images(loader, device)  # with several processes: --max-bad-images counts every rank's skips
     sums = sums.cpu()
     n = max(sums[3].item(), 1)
     metrics = OrderedDict([('loss', sums[0].item() / n), ('top1', sums[1].item() / n), ('top5', sums[2].item() / n)])

@@ -10,10 +10,12 @@ from typing import Optional, Tuple
 import torch
 import torch.nn as nn
 
+from distillers import build_task
 from models.features import resolve_student_taps
 from models.tails import TeacherTail
 from runtime.errors import FatalError, short
-from runtime.preflight import check_model_input
+from runtime.distributed import broadcast_module
+from runtime.preflight import check_model_input, check_train_inputs  # noqa: F401  (train_kd.py)
 
 
 def _shape(t) -> str:
@@ -83,3 +85,20 @@ def task_build_errors(args, student: nn.Module, teacher: Optional[nn.Module], im
         raise FatalError(
             f'--distiller scalekd cannot pair student {args.model} with teacher {args.teacher}: {short(e).rstrip(".")}. '
             f'{describe_scalekd_pair(args, student, teacher, img_size)}. {fix}') from None
+
+
+def settle_models(args, student: nn.Module, teacher: Optional[nn.Module], img_size: Tuple[int, int], in_chans: int,
+                  device=None) -> None:
+    """A teacher without a checkpoint takes rank 0's weights on every rank (its random initialisation, or the hub
+    weights, then agree); then each model must take its input size (``check_models``)."""
+    if teacher is not None and args.distributed and not args.teacher_checkpoint:
+        broadcast_module(teacher, device)
+    check_models(args, student, teacher, img_size, in_chans)
+
+
+def checked_build_task(args, size: Tuple[int, int], name: str, student: nn.Module, teacher: Optional[nn.Module], /,
+                       **kwargs):
+    """``build_task(name, student, teacher, **kwargs)`` (the student at ``size``); a pair it cannot set up stops
+    with one message."""
+    with task_build_errors(args, student, teacher, size):
+        return build_task(name, student, teacher, **kwargs)

@@ -8,8 +8,9 @@
 * ``resume``: ``--resume auto``, the settings check, the position inside an epoch (skip + RNG replay).
 * ``signals``: SIGTERM / SIGUSR1 / SIGINT -> finish the step, save a recovery checkpoint, exit 75.
 * ``distributed``: a timeout for every collective, one line when a peer rank died.
-* ``data``: data-folder and split checks and ``BadImageGuard`` (unreadable images skipped, named and counted).
-* ``preflight``: bad flags, output paths and model input sizes refused before step 0 (one message, exit 2).
+* ``data``: data-folder checks and ``BadImageGuard`` (unreadable images skipped, named and counted).
+* ``preflight``: bad input refused before step 0 (one message, exit 2): ``flag_domains`` (numeric flags),
+  ``splits`` (the data splits), output paths, names, model input sizes.
 * ``nonfinite``: ``NonFiniteGuard`` (abort naming the term, or skip the update).
 * ``metrics``: loss-term sums over ranks, step timing, the console line + TensorBoard, ETA.
 

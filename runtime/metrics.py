@@ -1,5 +1,6 @@
 """Train-loop bookkeeping: loss-term sums over ranks, step timing and ETA, the console line and TensorBoard."""
 import logging
+import os
 import time
 from collections import OrderedDict
 from typing import Any, Dict, Optional
@@ -129,9 +130,14 @@ def log_train_step(epoch: int, update_idx: int, updates_per_epoch: int, step: in
         writer.add_scalar('train/student_loss_ms', step_ms - teacher_ms * accum_steps, step)
 
 
-def tensorboard_writer(log_dir: str, resumed_updates: Optional[int] = None):
-    """TensorBoard's SummaryWriter. After a resume (``resumed_updates``: the updates already trained) it starts
-    with ``purge_step`` at the next update, so TensorBoard hides what a stopped run wrote for the updates trained
-    again: every scalar keeps one event per step."""
+def tensorboard_writer(output_dir: str, resume_path: str = '', start_epoch: int = 0, resume_batch: int = 0,
+                       batches_per_epoch: int = 0, args=None):
+    """TensorBoard's SummaryWriter on ``output_dir``/tb. After a resume it starts with ``purge_step`` at the first
+    update trained again (``start_epoch`` epochs of ``batches_per_epoch`` plus ``resume_batch`` batches were
+    trained), so TensorBoard hides what a stopped run wrote for those updates: one event per step and scalar."""
     from torch.utils.tensorboard import SummaryWriter
-    return SummaryWriter(log_dir=log_dir, purge_step=None if resumed_updates is None else resumed_updates + 1)
+    purge_step = None
+    if resume_path:
+        accum = args.grad_accum_steps
+        purge_step = start_epoch * ((batches_per_epoch + accum - 1) // accum) + resume_batch // accum + 1
+    return SummaryWriter(log_dir=os.path.join(output_dir, 'tb'), purge_step=purge_step)

@@ -21,7 +21,7 @@ import models  # noqa: F401
 import train_kd
 import validate
 from conftest import make_image_folder
-from runtime.preflight import FLAG_DOMAINS
+from runtime.flag_domains import FLAG_DOMAINS
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
