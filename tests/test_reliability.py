@@ -288,8 +288,8 @@ def test_nan_in_one_loss_term(assets, tmp_path, monkeypatch, caplog, policy):
     import distillers.scalekd as scalekd
     real = scalekd.feature_distance
 
-    def nan_alt_view(p, t, alternative=False):
-        d = real(p, t, alternative)
+    def nan_alt_view(p, t, alternative=False, **kwargs):
+        d = real(p, t, alternative, **kwargs)
         return d * float('nan') if alternative else d
 
     monkeypatch.setattr(scalekd, 'feature_distance', nan_alt_view)
