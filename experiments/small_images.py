@@ -33,6 +33,22 @@ METHODS = {
 }
 
 
+NOTE = """
+The teacher checkpoint is epoch 5 of 6 (`checkpoint-4`) of `train_kd.py --config
+recipes/demo_fmnist_teacher.yaml --epochs 6` on all 60,000 training images (this script's teacher
+step; the 6th epoch was cut for CPU time). `--old-code` was a checkout of commit 68c19a4.
+
+Every ScaleKD run has `loss_s4_alt` constant by construction (1x1 stage-4 map), so it runs with
+`--scalekd-allow-degenerate` and that term sends no gradient (`loss_balance.json` of each run: 0.0);
+`--scalekd-alpha-s4 0.08 0`, which the refusal message suggests, trains the same gradient.
+The row "code before the fix" is the previous commit (F.normalize in the alternative view). With this
+teacher's 8x8 grid (64 positions) the spatial mean of a constant map is exact, the 1/eps gradients
+cancel and that run happens not to blow up; with a 2x2 teacher grid they do not cancel (gradient
+ratio 4.6e5x the task loss's, experiments/results/loss_balance_at_init.txt), which is the collapse
+the bug report measured. The fix makes the term exactly gradient-free in both cases.
+"""
+
+
 def main(argv=None):
     p = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
     p.add_argument('--out', default='experiments/results/small_images')
@@ -138,8 +154,8 @@ def main(argv=None):
               f"Teacher: `scalekd_demo_vit` (8x8 tokens), `{os.path.relpath(teacher_ckpt, ROOT)}` (epoch {epoch}"
               + (f', top-1 {teacher_top1:.2f} on 1,000 test images' if teacher_top1 is not None else '') + ').',
               f"Students: `resnet18` (timm, random init) at 32 px, {args.train_per_class} training images per class, "
-              f"{args.epochs} epochs of `recipes/demo_fmnist.yaml`; top-1 after the last epoch on the "
-              f"{summary['settings']['test_images']} test images; nothing tuned.", ''] + lines + ['']
+              f"{args.epochs} epochs of `recipes/demo_fmnist.yaml`; top-1 after the last epoch on "
+              f"{summary['settings']['test_images']} test images; nothing tuned.", ''] + lines + [NOTE]
     with open(os.path.join(out, 'report.md'), 'w') as f:
         f.write('\n'.join(report))
     print('\n'.join(report))
