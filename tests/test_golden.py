@@ -106,14 +106,6 @@ def _run(tmp_path, monkeypatch):
     }
 
 
-@pytest.fixture
-def one_thread():
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
-
-
 def test_golden_scalekd_demo_run(tmp_path, monkeypatch, one_thread):
     got = _run(tmp_path, monkeypatch)
     assert len(got['steps']) == 1 + 2 * 4  # the loss-balance pass on the first batch, then 2 epochs of 4 updates

@@ -43,13 +43,7 @@ def _rows(run_dir):
         return list(csv.DictReader(f))
 
 
-@pytest.fixture(autouse=True)
-def one_thread():
-    # in-process runs: two intra-op threads on two busy cores are ~10x slower than one for these tiny models
-    n = torch.get_num_threads()
-    torch.set_num_threads(1)
-    yield
-    torch.set_num_threads(n)
+pytestmark = pytest.mark.usefixtures('one_thread')
 
 
 @pytest.fixture(scope='module')
