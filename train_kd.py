@@ -45,11 +45,12 @@ from runtime.distributed import collective_failure_message, collective_timeout
 from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error
 from runtime.metrics import StepTimer, TermSums, log_train_step, tensorboard_writer
 from runtime.nonfinite import NonFiniteGuard
+from runtime.plot import write_curves
 from runtime.resume import EpochPosition, check_same_resume, find_resume, load_state_extras, run_config, \
     truncate_summary
 from runtime.saver import RunSaver
 from runtime.signals import install_signal_handlers, stop_requested
-from validate import check_teacher, evaluate
+from validate import check_teacher, eval_columns, validate_task
 
 _logger = logging.getLogger('train')
 
@@ -59,7 +60,7 @@ RESUME_FREE_KEYS = frozenset({
     'output', 'experiment', 'pin_mem', 'device', 'dist_backend', 'config', 'synchronize_step', 'start_epoch',
     'teacher_min_top1', 'teacher_check_batches', 'nonfinite', 'nonfinite_max_skips', 'val_interval', 'epochs',
     'data_dir', 'teacher_checkpoint', 'prefetcher', 'distributed', 'world_size', 'rank', 'local_rank',
-    'dist_timeout', 'max_bad_images', 'loss_balance_factor', 'scalekd_allow_degenerate',
+    'dist_timeout', 'max_bad_images', 'loss_balance_factor', 'scalekd_allow_degenerate', 'no_plot',
 })
 
 
@@ -306,6 +307,8 @@ def build_parser():
                        help='path to output folder (default: none, current dir)')
     group.add_argument('--experiment', default='', type=str, metavar='NAME',
                        help='name of train experiment, name of sub-folder for output')
+    group.add_argument('--no-plot', action='store_true', default=False,
+                       help='do not draw <output>/<experiment>/curves.png (losses, top-1, agreement, lr) every epoch')
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
                        help='Best metric (default: "top1")')
     group.add_argument('--nonfinite', default='abort', type=str, choices=('abort', 'skip'),
@@ -525,7 +528,7 @@ def train(args, args_text):
 
             eval_metrics = None
             if loader_eval is not None and ((epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs):
-                eval_metrics = _validate_student_and_ema(task, loader_eval, args, device, amp_autocast)
+                eval_metrics = validate_task(task, loader_eval, args, device, amp_autocast, logger=_logger)
 
             if utils.is_primary(args):
                 _write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir,
@@ -704,32 +707,20 @@ def _create_mixup(args):
     return None, Mixup(**mixup_args)
 
 
-def _validate_student_and_ema(task, loader_eval, args, device, amp_autocast):
-    """The student's eval metrics, plus ``ema_*`` of its EMA when there is one."""
-    eval_metrics = evaluate(task.get_eval_model(), loader_eval, args, device, amp_autocast, logger=_logger)
-    if task.has_ema() and not args.model_ema_force_cpu:
-        if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-            utils.distribute_bn(task.get_trainable_module(ema=True), args.world_size, args.dist_bn == 'reduce')
-        ema_metrics = evaluate(task.get_eval_model(ema=True), loader_eval, args, device, amp_autocast,
-                               log_suffix=' (EMA)', logger=_logger)
-        eval_metrics.update((f'ema_{k}', v) for k, v in ema_metrics.items())
-    return eval_metrics
-
-
 def _write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir, first, has_eval):
     """One summary.csv row (an epoch without validation keeps the eval columns, empty) and the eval scalars."""
     lrs = [pg['lr'] for pg in optimizer.param_groups]
     row_eval = eval_metrics
     if eval_metrics is None and has_eval:
-        ema_cols = task.has_ema() and not args.model_ema_force_cpu
-        row_eval = OrderedDict((k, '') for k in ('loss', 'top1', 'top5') + (
-            ('ema_loss', 'ema_top1', 'ema_top5') if ema_cols else ()))
+        row_eval = OrderedDict((k, '') for k in eval_columns(task, args))
     summary = os.path.join(output_dir, 'summary.csv')
     utils.update_summary(epoch, train_metrics, row_eval, summary, lr=sum(lrs) / len(lrs),
                          write_header=first and not os.path.exists(summary))
     for k, v in (eval_metrics or {}).items():
         writer.add_scalar(f'eval/{k}', v, epoch)
     writer.flush()
+    if not args.no_plot:  # curves.png from summary.csv; a failure is a warning
+        write_curves(summary, os.path.join(output_dir, 'curves.png'), title=os.path.basename(output_dir))
 
 
 def create_train_loader(dataset, args, data_config, device, collate_fn=None, distributed=False,

@@ -24,6 +24,7 @@ from typing import Any, Dict, Optional, Tuple
 import torch
 import torch.distributed as dist
 import torch.nn as nn
+import torch.nn.functional as F
 
 from timm import utils
 from timm.data import RealLabelsImagenet, create_dataset, create_loader, resolve_data_config
@@ -280,32 +281,92 @@ def forward_batch(model, input, target, args, device, amp_autocast=suppress):
     return output, input, target
 
 
+def agreement(student_logits: torch.Tensor, teacher_logits: torch.Tensor) -> torch.Tensor:
+    """[images whose student and teacher argmax agree, sum over images of KL(p_t || p_s)] of one batch, in float64;
+    p = softmax of the logits at temperature 1, natural log (KL in nats)."""
+    s, t = student_logits.float(), teacher_logits.float()
+    log_p_s, log_p_t = F.log_softmax(s, dim=-1), F.log_softmax(t, dim=-1)
+    kl = (log_p_t.exp() * (log_p_t - log_p_s)).sum()
+    return torch.stack([(s.argmax(-1) == t.argmax(-1)).sum().double(), kl.double()])
+
+
+def _task_models(task, args):
+    """{column prefix: model} of a run's epoch-end validation (the student, its EMA when validated) and the
+    teacher on the student's batch (None without a teacher)."""
+    models = OrderedDict([('', task.get_eval_model())])
+    if task.has_ema() and not args.model_ema_force_cpu:
+        models['ema_'] = task.get_eval_model(ema=True)
+    teacher = TeacherOnStudentInput(task) if getattr(task, 'teacher', None) is not None else None
+    return models, teacher
+
+
+def eval_columns(task, args):
+    """The eval columns of a run's summary.csv (without the ``eval_`` prefix), in the order validate_task returns."""
+    models, teacher = _task_models(task, args)
+    names = ('loss', 'top1', 'top5') + (('agree_top1', 'kl_teacher') if teacher is not None else ())
+    return [p + k for p in models for k in names]
+
+
+def validate_task(task, loader, args, device, amp_autocast=suppress, logger=_logger):
+    """train_kd.py's epoch-end validation: the student, plus ``ema_*`` of its EMA, and with a teacher their top-1
+    agreement with it and KL(teacher || student); one pass over ``loader``, one teacher forward per batch."""
+    models, teacher = _task_models(task, args)
+    if 'ema_' in models and args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+        utils.distribute_bn(task.get_trainable_module(ema=True), args.world_size, args.dist_bn == 'reduce')
+    return _evaluate_models(models, loader, args, device, amp_autocast, teacher=teacher, logger=logger,
+                            suffixes={'ema_': ' (EMA)'})
+
+
+def evaluate(model, loader, args, device, amp_autocast=suppress, log_suffix='', max_batches=None, logger=_logger,
+             teacher=None):
+    """Top-1 / top-5 / loss of ``model`` on ``loader``, reduced over ranks; with ``teacher`` (a model of the same
+    batch) also ``agree_top1`` (% of images where the argmax agree) and ``kl_teacher`` (mean KL(teacher || model))."""
+    return _evaluate_models({'': model}, loader, args, device, amp_autocast, max_batches=max_batches, logger=logger,
+                            teacher=teacher, suffixes={'': log_suffix})
+
+
 @torch.no_grad()
-def evaluate(model, loader, args, device, amp_autocast=suppress, log_suffix='', max_batches=None, logger=_logger):
-    """Top-1 / top-5 / loss of ``model`` on ``loader``, reduced over ranks (train_kd.py's epoch-end validation)."""
+def _evaluate_models(models, loader, args, device, amp_autocast=suppress, max_batches=None, logger=_logger,
+                     teacher=None, suffixes=None):
+    """Metrics of every model of ``models`` ({column prefix: model}) in one pass over ``loader``, prefixed."""
     loss_fn = nn.CrossEntropyLoss().to(device)
-    was_training = model.training
-    model.eval()
-    sums = torch.zeros(4, device=device, dtype=torch.float64)  # loss, top1, top5, n
+    nets = list(models.values()) + ([teacher] if teacher is not None else [])
+    was_training = [m.training for m in nets]
+    for m in nets:
+        m.eval()
+    sums = torch.zeros(len(models), 6, device=device, dtype=torch.float64)  # loss, top1, top5, n, agree, kl
     start = time.time()
     for batch_idx, (input, target) in enumerate(loader):
         if max_batches is not None and batch_idx >= max_batches:
             break
-        output, input, target = forward_batch(model, input, target, args, device, amp_autocast)
-        loss = loss_fn(output.float(), target)
-        acc1, acc5 = utils.accuracy(output, target, topk=(1, min(5, output.shape[-1])))
-        n = input.shape[0]
-        sums += torch.stack([loss * n, acc1 * n, acc5 * n, torch.tensor(float(n), device=device)]).double()
+        if not args.prefetcher:
+            input, target = input.to(device), target.to(device)
+        t_out = forward_batch(teacher, input, target, args, device, amp_autocast)[0] if teacher is not None else None
+        for i, model in enumerate(models.values()):
+            output, input_i, target_i = forward_batch(model, input, target, args, device, amp_autocast)
+            loss = loss_fn(output.float(), target_i)
+            acc1, acc5 = utils.accuracy(output, target_i, topk=(1, min(5, output.shape[-1])))
+            n = input_i.shape[0]
+            sums[i, :4] += torch.stack([loss * n, acc1 * n, acc5 * n, torch.tensor(float(n), device=device)]).double()
+            if t_out is not None:
+                sums[i, 4:] += agreement(output, t_out)
     if args.distributed:
         dist.all_reduce(sums)
     check_bad_images(loader, device)  # with several processes: --max-bad-images counts every rank's skips
     sums = sums.cpu()
-    n = max(sums[3].item(), 1)
-    metrics = OrderedDict([('loss', sums[0].item() / n), ('top1', sums[1].item() / n), ('top5', sums[2].item() / n)])
-    model.train(was_training)
-    if utils.is_primary(args):
-        logger.info(f'Test{log_suffix}: Loss: {metrics["loss"]:.4f}  Acc@1: {metrics["top1"]:.3f}  '
-                    f'Acc@5: {metrics["top5"]:.3f}  ({int(n)} images, {time.time() - start:.1f}s)')
+    for m, was in zip(nets, was_training):
+        m.train(was)
+    metrics = OrderedDict()
+    for (prefix, _), row in zip(models.items(), sums.tolist()):
+        n = max(row[3], 1)
+        metrics.update([(f'{prefix}loss', row[0] / n), (f'{prefix}top1', row[1] / n), (f'{prefix}top5', row[2] / n)])
+        if teacher is not None:
+            metrics.update([(f'{prefix}agree_top1', 100. * row[4] / n), (f'{prefix}kl_teacher', row[5] / n)])
+        if utils.is_primary(args):
+            extra = f'  Agree@1 (teacher): {100. * row[4] / n:.3f}  KL(teacher||student): {row[5] / n:.4f}' \
+                if teacher is not None else ''
+            logger.info(f'Test{(suffixes or {}).get(prefix, "")}: Loss: {row[0] / n:.4f}  Acc@1: {row[1] / n:.3f}  '
+                        f'Acc@5: {row[2] / n:.3f}{extra}  ({int(n)} images, {time.time() - start:.1f}s)')
     return metrics
 
 

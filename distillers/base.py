@@ -111,12 +111,13 @@ class DistillTask(TrainingTask):
 
 class TeacherOnStudentInput(nn.Module):
     """The task's teacher as a model of the student's batch (re-normalised, resized): evaluates the teacher
-    on the data the student sees (train_kd.py --teacher-min-top1)."""
+    on the data the student sees (train_kd.py --teacher-min-top1, agreement at validation)."""
 
     def __init__(self, task: DistillTask):
         super().__init__()
         self.t = task.teacher
         self._task = [task]  # not a submodule
+        self.train(task.teacher.training)  # a caller restoring this wrapper's mode restores the teacher's
 
     def forward(self, x: torch.Tensor) -> torch.Tensor:
         return self.t(self._task[0].teacher_input(x))
