@@ -14,8 +14,8 @@ from typing import Any, Dict, Optional
 import yaml
 
 SECTIONS = ('data', 'model', 'teacher', 'distill', 'optim', 'sched', 'aug', 'ema', 'runtime')
-# keys a saved args.yaml carries that are not settings of a run
-IGNORED_KEYS = ('config',)
+# keys a saved args.yaml carries that are not settings of a run (the teacher's source: distillers/teacher.py)
+IGNORED_KEYS = ('config', 'teacher_source', 'teacher_sha256', 'teacher_bytes')
 # what a recipe, a checkpoint's args or an export's metadata may set for validate.py / export.py
 SETTING_KEYS = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'gp', 'bn_eps', 'img_size', 'input_size',
                 'crop_pct', 'mean', 'std', 'interpolation')

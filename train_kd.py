@@ -34,7 +34,7 @@ from timm.task import resume_task_checkpoint, load_task_ema_checkpoint
 
 import models  # noqa: F401  registers the paper's student variants
 from config import parse_args_with_recipe
-from distillers import TeacherLoadError, create_teacher
+from distillers.teacher import TeacherLoadError, create_teacher, identity_yaml
 from distillers.balance import reference_term, term_gradient_norms, unbalanced_terms
 from distillers.preflight import check_train_inputs, checked_build_task, settle_models
 from distillers.flags import add_distill_args, check_distill_args, criterion_kwargs, resolve_teacher_img_size, \
@@ -474,7 +474,7 @@ def train(args, args_text):
             saver.load_state_dict_from_checkpoint(resume_path)
             saver.adopt_recovery(resume_path)  # rotated away by the next recovery saves
         with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text)
+            f.write(args_text + identity_yaml(args))
         writer = tensorboard_writer(output_dir, resume_path, start_epoch, resume_batch, len(loader_train), args)
         _logger.info(f'Output folder: {output_dir}')
 
@@ -642,6 +642,7 @@ def _create_task(args, model, data_config, device, in_chans):
             sum(p.numel() for p in model.parameters())
         _logger.info(f'Teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params '
                      f'(frozen, {args.teacher_mode} mode); distillation adds {n_extra / 1e6:.2f} M trained params')
+        _logger.info('Teacher weights: ' + identity_yaml(args).strip().replace('\n', '  '))
         for k, w in getattr(task, 'loss_weights', {}).items():
             _logger.info(f'  loss weight {k}: {w:g}')
     if hasattr(task, 'check_geometry'):  # ScaleKD: log the grids, refuse a term that is constant by construction

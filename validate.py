@@ -1,5 +1,6 @@
 #!/usr/bin/env python3
-"""Validate a trained student, its EMA, an exported file or a teacher; flags keep timm's validate.py names.
+"""Validate a trained student, its EMA, an exported file, a teacher, or a student next to its teacher; flags keep
+timm's validate.py names.
 
 Model and preprocessing come, in this order, from the command line, a recipe (``--config``), the
 checkpoint (the ``args`` of a training checkpoint, the metadata of an exported ``.safetensors``)
@@ -9,6 +10,7 @@ globals is refused. Bad input stops with one message and exit code 2.
     python validate.py --data-dir DATA --checkpoint RUN/model_best.pth.tar --use-ema
     python validate.py --data-dir DATA --config recipes/demo_fmnist.yaml --checkpoint student.safetensors
     python validate.py --data-dir DATA --teacher scalekd_demo_vit --teacher-checkpoint TEACHER/last.pth.tar
+    python validate.py --data-dir DATA --checkpoint RUN/model_best.pth.tar --teacher NAME --teacher-checkpoint PATH
 """
 import argparse
 import csv
@@ -33,7 +35,7 @@ from timm.models import create_model, get_pretrained_cfg_value, is_model, split_
 import models  # noqa: F401  registers the demo / paper student variants
 from config import SETTING_KEYS, RecipeError, coerce_value, read_recipe, run_settings
 from distillers import TeacherLoadError, create_teacher
-from distillers.base import TeacherOnStudentInput
+from distillers.base import DistillTask, TeacherOnStudentInput
 from distillers.flags import teacher_size
 from runtime.checkpoint import load_strict, read_checkpoint
 from runtime.data import check_bad_images, check_data_dir
@@ -63,7 +65,10 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--use-ema', action='store_true', default=False, help='use the EMA student (state_dict_ema)')
     p.add_argument('--teacher', default='', metavar='NAME',
                    help='evaluate this teacher instead (hub weights, or --teacher-checkpoint), normalised with its '
-                        'own pretrained_cfg mean/std')
+                        'own pretrained_cfg mean/std; with --checkpoint, evaluate the student and this teacher on the '
+                        "student's batches (the teacher's input re-normalised and resized as in training, its "
+                        "teacher_kwargs / teacher_img_size from the run's args) and report both top-1, their top-1 "
+                        'agreement and the mean KL(teacher || student) (softmax at T=1, nats)')
     p.add_argument('--teacher-checkpoint', default='', metavar='PATH', help='teacher weights from a local file')
     p.add_argument('--teacher-kwargs', nargs='*', default=None, action=utils.ParseKwargs,
                    help='extra teacher model kwargs')
@@ -120,8 +125,8 @@ def _infer_num_classes(model_name: str, state: dict) -> Optional[int]:
     return int(weight.shape[0]) if weight is not None and weight.ndim >= 1 else None
 
 
-def _build_student(args, settings: Dict[str, Any]) -> Tuple[nn.Module, str, bool]:
-    state, weights = None, 'pretrained'
+def _build_student(args, settings: Dict[str, Any]) -> Tuple[nn.Module, str, bool, Dict[str, Any]]:
+    state, weights, run_args = None, 'pretrained', {}
     if args.checkpoint:
         state, run_args, weights = read_checkpoint(args.checkpoint, args.use_ema)
         ck = run_settings(run_args)
@@ -147,24 +152,33 @@ def _build_student(args, settings: Dict[str, Any]) -> Tuple[nn.Module, str, bool
         load_strict(model, state, args.checkpoint, f'--model {args.model} (num_classes={model.num_classes}, '
                                                     f'model_kwargs={args.model_kwargs or {}})', STRICT_HINT)
     _logger.info(f"Model {args.model} created from '{args.checkpoint or 'pretrained weights'}' ({weights})")
-    return model, weights, bool(settings)
+    return model, weights, bool(settings), run_args or {}
 
 
-def _build_teacher(args, settings: Dict[str, Any]) -> nn.Module:
-    if args.checkpoint:
-        raise FatalError('--checkpoint is for students; with --teacher pass --teacher-checkpoint PATH')
-    num_classes = args.num_classes or settings.get('num_classes')
+def _build_teacher(args, settings: Dict[str, Any], student: Optional[nn.Module] = None,
+                   run_args: Optional[Dict[str, Any]] = None) -> Tuple[nn.Module, Optional[int]]:
+    """(teacher, the size it is built for). Alone, it sets the data size; next to ``student`` (compare mode) it takes
+    the student's class count and the run's teacher_kwargs / teacher_img_size (when the run had this teacher)."""
+    run_args = run_args or {}
+    if student is not None and run_args.get('teacher') not in (None, '', args.teacher):
+        _logger.warning(f"the run was distilled from {run_args['teacher']}, compared here with {args.teacher}")
+        run_args = {}
+    num_classes = student.num_classes if student is not None else args.num_classes or settings.get('num_classes')
     if num_classes is None and args.teacher_checkpoint:
         num_classes = _infer_num_classes(args.teacher, read_checkpoint(args.teacher_checkpoint,
                                                                        what='--teacher-checkpoint')[0])
-    args.num_classes = num_classes or get_pretrained_cfg_value(args.teacher, 'num_classes') or 1000
-    kwargs = dict(settings.get('teacher_kwargs') or {}, **(args.teacher_kwargs or {}))
-    size = teacher_size(args.teacher_img_size, kwargs)  # --teacher-img-size or --teacher-kwargs img_size=
-    if size and args.img_size is None and args.input_size is None:
-        args.img_size = size  # the teacher's pretrained_cfg may name another size than it is built for
+    num_classes = num_classes or get_pretrained_cfg_value(args.teacher, 'num_classes') or 1000
+    kwargs = dict(run_args.get('teacher_kwargs') or {}, **(settings.get('teacher_kwargs') or {}),
+                  **(args.teacher_kwargs or {}))
+    # --teacher-img-size or --teacher-kwargs img_size= (or the run's)
+    size = teacher_size(args.teacher_img_size or run_args.get('teacher_img_size'), kwargs)
+    if student is None:
+        args.num_classes = num_classes
+        if size and args.img_size is None and args.input_size is None:
+            args.img_size = size  # the teacher's pretrained_cfg may name another size than it is built for
     try:
-        return create_teacher(args.teacher, num_classes=args.num_classes, in_chans=args.in_chans or 3,
-                              checkpoint=args.teacher_checkpoint or None, img_size=size, **kwargs)
+        return create_teacher(args.teacher, num_classes=num_classes, in_chans=args.in_chans or 3,
+                              checkpoint=args.teacher_checkpoint or None, img_size=size, **kwargs), size
     except TeacherLoadError as e:
         raise FatalError(str(e)) from None
     except Exception as e:  # hub weights unavailable (offline) or bad kwargs
@@ -181,7 +195,7 @@ def validate_main(argv=None, settings: Optional[Dict[str, Any]] = None) -> Dict[
     if args.results_file:
         check_output_file(args.results_file, '--results-file')
     recipe = _recipe_settings(args.config, parser) if args.config else {}
-    if args.teacher:  # the recipe's student settings (model, sizes, mean/std) do not describe the teacher
+    if args.teacher and not args.checkpoint:  # the recipe's student settings do not describe the teacher alone
         recipe = {k: v for k, v in recipe.items() if k in ('num_classes', 'teacher_kwargs')}
     if not args.dataset:
         check_data_dir(args.data_dir, (args.split,))
@@ -194,12 +208,15 @@ def validate_main(argv=None, settings: Optional[Dict[str, Any]] = None) -> Dict[
     for k, v in recipe.items():  # the command line wins over the recipe
         if k != 'teacher_kwargs' and getattr(args, k) in (None, {}):
             setattr(args, k, v)
-    if args.teacher:
-        model, name, weights = _build_teacher(args, recipe), args.teacher, args.teacher_checkpoint or 'pretrained'
+    teacher = None
+    if args.teacher and not args.checkpoint:
+        model, name, weights = _build_teacher(args, recipe)[0], args.teacher, args.teacher_checkpoint or 'pretrained'
         from_run = False
     else:
-        model, weights, from_run = _build_student(args, settings or {})
+        model, weights, from_run, run_args = _build_student(args, settings or {})
         name = args.model
+        if args.teacher:  # compare mode: the teacher on the student's batches, as in training
+            teacher = _build_teacher(args, recipe, model, run_args)
     if data_classes and model.num_classes != data_classes and not args.real_labels:
         raise FatalError(f"model {name} has {model.num_classes} classes but {args.data_dir}/{args.split} has "
                          f"{data_classes} class folders; pass the matching --num-classes/--checkpoint or data")
@@ -215,6 +232,8 @@ def validate_main(argv=None, settings: Optional[Dict[str, Any]] = None) -> Dict[
         model = model.to(memory_format=torch.channels_last)
     if args.torchcompile:
         model = torch.compile(model, backend=args.torchcompile)
+    if teacher is not None:
+        teacher = _TeacherComparison(model, *teacher, data_config, device)
     loader = create_loader(
         dataset, input_size=data_config['input_size'], batch_size=args.batch_size, use_prefetcher=args.prefetcher,
         interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
@@ -244,6 +263,8 @@ def validate_main(argv=None, settings: Optional[Dict[str, Any]] = None) -> Dict[
             losses.update(loss_fn(output, target).item(), n)
             top1.update(acc1.item(), n)
             top5.update(acc5.item(), n)
+            if teacher is not None:
+                teacher.add(output, input, target, args, device, amp_autocast)
             batch_time.update(time.time() - end)
             end = time.time()
             if batch_idx % args.log_freq == 0 or batch_idx == len(loader) - 1:
@@ -262,9 +283,42 @@ def validate_main(argv=None, settings: Optional[Dict[str, Any]] = None) -> Dict[
     _logger.info(f" * Acc@1 {results['top1']:.3f} ({results['top1_err']:.3f})  Acc@5 {results['top5']:.3f} "
                  f"({results['top5_err']:.3f})  Loss {results['loss']:.4f}  {results['img_per_s']:.1f} img/s  "
                  f"{results['param_count']:.2f} M params")
+    if teacher is not None:
+        results.update(teacher.results(args))
     if args.results_file:
         _write_results(args.results_file, results, args.results_format)
     return results
+
+
+class _TeacherComparison:
+    """validate.py --teacher NAME --checkpoint RUN: the teacher on the student's batches (re-normalised from the
+    student's mean/std to its own, resized to the size it is built for, as in training), its accuracy and the
+    student-teacher top-1 agreement and KL(teacher || student) summed over the images."""
+
+    def __init__(self, student, teacher, size, data_config, device):
+        task = DistillTask(student, teacher, mean=data_config['mean'], std=data_config['std'],
+                           teacher_img_size=(size, size) if size else None, device=device)
+        self.model = TeacherOnStudentInput(task).to(device).eval()
+        self.sums = torch.zeros(6, dtype=torch.float64)  # loss, top1, top5, n, agree, kl
+
+    def add(self, output, input, target, args, device, amp_autocast):
+        t_out = forward_batch(self.model, input, target, args, device, amp_autocast)[0].float()
+        acc1, acc5 = utils.accuracy(t_out, target, topk=(1, min(5, t_out.shape[-1])))
+        n = input.shape[0]
+        self.sums += torch.cat([torch.stack([F.cross_entropy(t_out, target) * n, acc1 * n, acc5 * n,
+                                             torch.tensor(float(n), device=t_out.device)]).double(),
+                                agreement(output, t_out)]).cpu()
+
+    def results(self, args) -> Dict[str, Any]:
+        loss, t1, t5, n, agree, kl = self.sums.tolist()
+        n = max(n, 1)
+        out = OrderedDict(teacher=args.teacher, teacher_checkpoint=args.teacher_checkpoint or 'pretrained',
+                          teacher_top1=round(t1 / n, 4), teacher_top5=round(t5 / n, 4), teacher_loss=round(loss / n, 6),
+                          agree_top1=round(100. * agree / n, 4), kl_teacher=round(kl / n, 6))
+        _logger.info(f" * Teacher {args.teacher}: Acc@1 {out['teacher_top1']:.3f}  Acc@5 {out['teacher_top5']:.3f}  "
+                     f"Loss {out['teacher_loss']:.4f}  |  top-1 agreement with the student {out['agree_top1']:.3f}%  "
+                     f"KL(teacher || student) {out['kl_teacher']:.4f} nats (softmax at T=1, mean over images)")
+        return out
 
 
 def forward_batch(model, input, target, args, device, amp_autocast=suppress):

@@ -1,10 +1,15 @@
-"""Create a teacher by timm name (hub weights) or from a local checkpoint, loaded strictly."""
+"""Create a teacher by timm name (hub weights) or from a local checkpoint, loaded strictly; name its source."""
+import hashlib
 import logging
-from typing import Optional
+import os
+from collections import OrderedDict
+from functools import lru_cache
+from typing import Any, Dict, Optional
 
 import torch.nn as nn
+import yaml
 
-from timm.models import create_model, is_model, parse_model_name, split_model_name_tag
+from timm.models import create_model, get_pretrained_cfg, is_model, parse_model_name, split_model_name_tag
 
 from runtime.checkpoint import load_strict, read_checkpoint
 from runtime.errors import FatalError
@@ -51,3 +56,47 @@ def create_teacher(
         _logger.info(f"Teacher '{name}' created with its pretrained weights")
     model.requires_grad_(False)
     return model.eval()
+
+
+@lru_cache(maxsize=8)
+def _sha256(path: str, size: int, mtime_ns: int) -> str:
+    h = hashlib.sha256()
+    with open(path, 'rb') as f:
+        for chunk in iter(lambda: f.read(1 << 22), b''):
+            h.update(chunk)
+    return h.hexdigest()
+
+
+def teacher_identity(name: str, checkpoint: Optional[str] = None) -> Dict[str, Any]:
+    """Where the teacher's weights come from, for the run record (args.yaml, start-up log).
+
+    A local file: ``teacher_source`` (its absolute path), ``teacher_sha256`` and ``teacher_bytes`` (hashed once
+    per file and modification time). Hub weights: ``teacher_source`` = ``hub <name.tag>`` and where timm fetches
+    them from (the Hugging Face hub id or the URL of the tag's pretrained_cfg).
+    """
+    if checkpoint:
+        path = os.path.abspath(checkpoint)
+        st = os.stat(path)
+        return OrderedDict(teacher_source=path, teacher_sha256=_sha256(path, st.st_size, st.st_mtime_ns),
+                           teacher_bytes=st.st_size)
+    if name.startswith(('hf-hub:', 'local-dir:')) or ':' in name:
+        return OrderedDict(teacher_source=f'hub {name}')
+    try:
+        cfg = get_pretrained_cfg(name)
+    except Exception:  # noqa: BLE001  an unknown tag: the name itself is the record
+        cfg = None
+    if cfg is None:
+        return OrderedDict(teacher_source=f'hub {name} (no pretrained weights known to timm)')
+    tagged = f'{split_model_name_tag(name)[0]}.{cfg.tag}' if cfg.tag else name
+    where = f'hf-hub:{cfg.hf_hub_id}' if cfg.hf_hub_id else cfg.url or cfg.file or 'no weights: random initialisation'
+    return OrderedDict(teacher_source=f'hub {tagged} ({where})')
+
+
+def identity_yaml(args) -> str:
+    """The run's ``teacher_identity`` as YAML lines for its args.yaml ('' without a teacher); recipes skip these
+    keys (config.py IGNORED_KEYS), and they are no run setting (not in the checkpoint's args, not compared on
+    resume)."""
+    if getattr(args, 'distiller', 'none') == 'none' or not args.teacher:
+        return ''
+    ident = teacher_identity(args.teacher, args.teacher_checkpoint or None)
+    return yaml.safe_dump(dict(ident), default_flow_style=False, sort_keys=False)

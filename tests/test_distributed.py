@@ -135,8 +135,8 @@ def test_two_nodes_on_one_machine_make_one_run(setup, single_run):
     assert 'Training in distributed mode with 2 processes' in results[0][1]
     assert 'Train:' in results[0][1] and 'Train:' not in results[1][1]  # node 1 trains but does not log
     run = os.path.join(setup[0], 'nodes')
-    assert sorted(os.listdir(run)) == ['args.yaml'] + [f'checkpoint-{e}.pth.tar' for e in range(EPOCHS)] + \
-        ['last.pth.tar', 'loss_balance.json', 'summary.csv', 'tb']  # no validation split: no model_best
+    assert sorted(os.listdir(run)) == ['args.yaml'] + [f'checkpoint-{e}.pth.tar' for e in range(EPOCHS)] + [
+        'curves.png', 'last.pth.tar', 'loss_balance.json', 'summary.csv', 'tb']  # no validation split: no model_best
     assert len(os.listdir(os.path.join(run, 'tb'))) == 1
     _assert_same_training(run, single_run)
 
