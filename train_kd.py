@@ -46,8 +46,8 @@ from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_e
 from runtime.metrics import StepTimer, TermSums, log_train_step, tensorboard_writer
 from runtime.nonfinite import NonFiniteGuard
 from runtime.plot import write_curves
-from runtime.resume import EpochPosition, check_same_resume, find_resume, load_state_extras, run_config, \
-    truncate_summary
+from runtime.resume import EpochPosition, append_summary, check_same_resume, find_resume, load_state_extras, \
+    run_config, truncate_summary
 from runtime.saver import RunSaver
 from runtime.signals import install_signal_handlers, stop_requested
 from validate import check_teacher, eval_columns, validate_task
@@ -532,7 +532,7 @@ def train(args, args_text):
 
             if utils.is_primary(args):
                 _write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir,
-                               first=epoch == start_epoch, has_eval=loader_eval is not None)
+                               has_eval=loader_eval is not None)
                 metric = eval_metrics[eval_metric] if eval_metrics else None
                 best_metric, best_epoch = saver.save_checkpoint(
                     epoch, metric=metric, run_state=dict(nonfinite_skipped=guard.skipped))
@@ -708,15 +708,14 @@ def _create_mixup(args):
     return None, Mixup(**mixup_args)
 
 
-def _write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir, first, has_eval):
-    """One summary.csv row (an epoch without validation keeps the eval columns, empty) and the eval scalars."""
+def _write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir, has_eval):
+    """One summary.csv row (an epoch without validation keeps the eval columns, empty), the eval scalars, curves.png."""
     lrs = [pg['lr'] for pg in optimizer.param_groups]
     row_eval = eval_metrics
     if eval_metrics is None and has_eval:
         row_eval = OrderedDict((k, '') for k in eval_columns(task, args))
     summary = os.path.join(output_dir, 'summary.csv')
-    utils.update_summary(epoch, train_metrics, row_eval, summary, lr=sum(lrs) / len(lrs),
-                         write_header=first and not os.path.exists(summary))
+    append_summary(summary, epoch, train_metrics, row_eval, lr=sum(lrs) / len(lrs))  # widens an older header
     for k, v in (eval_metrics or {}).items():
         writer.add_scalar(f'eval/{k}', v, epoch)
     writer.flush()

@@ -1,9 +1,11 @@
-"""Resume: which checkpoint (``--resume auto``), whether it fits the run, and where inside its epoch to go on."""
+"""Resume: which checkpoint (``--resume auto``), whether it fits the run, where inside its epoch to go on, and the
+summary.csv rows it keeps (``truncate_summary``) or widens (``append_summary``)."""
 import csv
 import glob
 import io
 import logging
 import os
+from collections import OrderedDict
 from typing import Any, Dict, Iterable, Optional
 
 import torch.distributed as dist
@@ -94,6 +96,32 @@ def truncate_summary(path: str, first_epoch: int) -> int:
         _logger.info(f"Removed {dropped} row(s) of epoch {first_epoch} and later from '{path}' (written before "
                      f"the run stopped; those epochs are trained again)")
     return dropped
+
+
+def append_summary(path: str, epoch: int, train_metrics: Dict[str, Any], eval_metrics: Optional[Dict[str, Any]],
+                   lr: float) -> None:
+    """One summary.csv row in timm's layout (epoch, train_*, eval_*, lr). A header that lacks some of the row's
+    columns (a run resumed by a version that reports more) is widened first, atomically; older rows keep those
+    cells empty, so every column stays under its name."""
+    row = OrderedDict(epoch=epoch)
+    row.update(('train_' + k, v) for k, v in train_metrics.items())
+    row.update(('eval_' + k, v) for k, v in (eval_metrics or {}).items())
+    row['lr'] = lr
+    header, rows = None, []
+    if os.path.isfile(path) and os.path.getsize(path):
+        with open(path, newline='') as f:
+            header, *rows = list(csv.reader(f))
+    cols = list(row) if header is None else header + [k for k in row if k not in header]
+    if header is not None and cols != header:
+        text = io.StringIO(newline='')
+        csv.writer(text).writerows([cols] + [r + [''] * (len(cols) - len(r)) for r in rows])
+        atomic_write(path, lambda f: f.write(text.getvalue().encode()))
+        _logger.info(f"'{path}': new column(s) {', '.join(c for c in cols if c not in header)} (earlier rows empty)")
+    with open(path, 'a', newline='') as f:
+        writer = csv.DictWriter(f, fieldnames=cols, restval='')
+        if header is None:
+            writer.writeheader()
+        writer.writerow(row)
 
 
 def check_same_resume(path: str, distributed: bool) -> None:

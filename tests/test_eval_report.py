@@ -19,6 +19,7 @@ import validate
 from config import parse_args_with_recipe
 from distillers.teacher import teacher_identity
 from runtime.plot import read_summary, write_curves
+from runtime.resume import append_summary
 
 PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 
@@ -168,3 +169,47 @@ def test_hub_teacher_identity_names_its_tag():
     assert got == {'teacher_source': 'hub swin_large_patch4_window7_224.ms_in22k_ft_in1k '
                                      '(hf-hub:timm/swin_large_patch4_window7_224.ms_in22k_ft_in1k)'}
     assert teacher_identity('resnet50')['teacher_source'].startswith('hub resnet50.a1_in1k (')  # the default tag
+
+
+def test_summary_of_an_older_run_is_widened_not_shifted(tmp_path):
+    path = str(tmp_path / 'summary.csv')  # written by a version without the agreement columns
+    append_summary(path, 0, {'loss': 2.0}, {'loss': 1.5, 'top1': 10.0}, lr=0.1)
+    append_summary(path, 1, {'loss': 1.0}, {'loss': 1.2, 'top1': 20.0, 'agree_top1': 50.0, 'kl_teacher': 0.3}, lr=0.05)
+    append_summary(path, 2, {'loss': 0.5}, {'loss': 1.1, 'top1': 30.0, 'agree_top1': 60.0, 'kl_teacher': 0.2}, lr=0.01)
+    with open(path, newline='') as f:
+        rows = list(csv.DictReader(f))
+    assert list(rows[0]) == ['epoch', 'train_loss', 'eval_loss', 'eval_top1', 'lr', 'eval_agree_top1',
+                             'eval_kl_teacher']
+    assert [r['eval_top1'] for r in rows] == ['10.0', '20.0', '30.0']
+    assert [r['lr'] for r in rows] == ['0.1', '0.05', '0.01']
+    assert [r['eval_agree_top1'] for r in rows] == ['', '50.0', '60.0']
+    assert read_summary(path)['eval_kl_teacher'] == ([1., 2.], [0.3, 0.2])
+
+
+def test_two_processes_reduce_the_agreement_over_ranks(tmp_path, teacher_ckpt):
+    """Each rank validates half of the 12 images; the logged agreement and KL are those of all 12 (validate.py on
+    the saved student, one process, gives the same)."""
+    import socket
+    import subprocess
+    import sys
+    from conftest import make_image_folder
+    data = make_image_folder(tmp_path / 'data', classes=3, per_class=4)
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    with socket.socket() as s:
+        s.bind(('127.0.0.1', 0))
+        port = s.getsockname()[1]
+    env = {k: v for k, v in os.environ.items() if k not in ('RANK', 'WORLD_SIZE', 'LOCAL_RANK', 'NNODES', 'NODE_RANK')}
+    env.update(OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1', PYTHON=sys.executable, MASTER_PORT=str(port))
+    argv = _argv(data, tmp_path, 'ddp', teacher_ckpt, '--epochs', '1', '-b', '3', '--no-plot')
+    proc = subprocess.run([os.path.join(root, 'distributed_train.sh'), '2', *argv], cwd=root, env=env,
+                          capture_output=True, text=True, timeout=300)
+    assert proc.returncode == 0, (proc.stdout + proc.stderr)[-3000:]
+    assert 'Training in distributed mode with 2 processes' in proc.stdout + proc.stderr
+    assert '(12 images' in proc.stdout + proc.stderr  # the reduced count, not one rank's 6
+    row = _rows(tmp_path / 'ddp')[-1]
+    got = validate.validate_main(['--data-dir', data, '-j', '0', '-b', '4', '--device', 'cpu',
+                                  '--checkpoint', str(tmp_path / 'ddp' / 'last.pth.tar'),
+                                  '--teacher', 'scalekd_demo_vit', '--teacher-checkpoint', teacher_ckpt])
+    assert got['top1'] == pytest.approx(float(row['eval_top1']), abs=1e-3)
+    assert got['agree_top1'] == pytest.approx(float(row['eval_agree_top1']), abs=1e-3)
+    assert got['kl_teacher'] == pytest.approx(float(row['eval_kl_teacher']), rel=1e-4, abs=1e-6)
