@@ -8,7 +8,6 @@ pyplot, no display, no global backend switch). A picture never stops a run: any 
 import csv
 import logging
 import math
-import os
 from typing import Dict, List, Optional, Sequence, Tuple
 
 from .checkpoint import atomic_write
