@@ -64,6 +64,7 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--scalekd-allow-degenerate', action='store_true', default=False,
                        help='train even when an alternative-view term is constant by construction (a student map '
                             'with a single position); by default such a run is refused before step 0')
+    add_timm_kd_args(parser)
     group.add_argument('--loss-balance-factor', type=float, default=DEFAULT_FACTOR, metavar='F',
                        help='before the first update, log the gradient norm each loss term sends into the student '
                             'and warn when one exceeds F x the student loss\'s (0: skip the measurement) '
@@ -74,9 +75,10 @@ def task_kwargs(args: argparse.Namespace, img_size: Tuple[int, int]) -> Dict[str
     """The one place where flags become distiller keyword arguments."""
     if args.distiller == 'none':
         return {}
+    task_w, distill_w = loss_weights(args)
     kw = dict(teacher_mode=args.teacher_mode,
               teacher_img_size=(args.teacher_img_size,) * 2 if args.teacher_img_size else None,
-              kd_weight=args.kd_weight, kd_temperature=args.kd_temperature)
+              kd_weight=distill_w, task_weight=task_w, kd_temperature=args.kd_temperature)
     if args.distiller == 'scalekd':
         kw.update(img_size=img_size, student_s3=args.scalekd_student_s3, student_s4=args.scalekd_student_s4,
                   alpha_s3=args.scalekd_alpha_s3, alpha_s4=args.scalekd_alpha_s4, heads_s3=args.scalekd_heads_s3,
@@ -97,6 +99,7 @@ def criterion_kwargs(args):
 
 def check_distill_args(parser_error, args: argparse.Namespace) -> None:
     """Distillation flags that contradict each other stop at parse time (``parser_error`` exits)."""
+    resolve_timm_kd_args(parser_error, args)
     if args.distiller != 'none' and not args.teacher:
         parser_error(f'--distiller {args.distiller} needs a teacher: pass --teacher NAME (and --teacher-checkpoint '
                      f'PATH for local weights)')
@@ -125,3 +128,72 @@ def teacher_size(teacher_img_size, teacher_kwargs) -> int:
         raise FatalError(f'--teacher-img-size {teacher_img_size} and --teacher-kwargs img_size={kw_size} '
                          f'disagree; pass only one of them')
     return teacher_img_size or kw_size
+
+
+# timm train.py's --kd-distill-type -> this project's --distiller
+TIMM_DISTILL_TYPES = {'logit': 'kd', 'feature': 'feature', 'token': 'token'}
+
+
+def add_timm_kd_args(parser: argparse.ArgumentParser) -> None:
+    """timm train.py's knowledge-distillation flags, with timm's meaning (README: "timm's KD flags")."""
+    group = parser.add_argument_group("timm train.py distillation flags (same meaning as in timm)")
+    group.add_argument('--kd-model-name', default=None, type=str, metavar='NAME',
+                       help='teacher by timm name, as --teacher; alone it turns distillation on (logit KD unless '
+                            '--kd-distill-type says otherwise); with --teacher-checkpoint its weights come from the '
+                            'file')
+    group.add_argument('--kd-distill-type', default=None, type=str, choices=sorted(TIMM_DISTILL_TYPES),
+                       help='distiller by timm name: logit = --distiller kd, feature = --distiller feature, token = '
+                            '--distiller token (default: logit)')
+    group.add_argument('--kd-loss-type', default=None, type=str, choices=('kl',),
+                       help="logit distillation loss; timm's only choice, accepted for its command lines "
+                            "(default: kl)")
+    group.add_argument('--distill-loss-weight', default=None, type=float, metavar='W',
+                       help="weight of the distillation term; alone, the student loss keeps weight 1.0 (timm's rule) "
+                            "(default: --kd-weight)")
+    group.add_argument('--task-loss-weight', default=None, type=float, metavar='W',
+                       help='weight of the student loss; alone, the distillation term gets 1 - W; with '
+                            '--distill-loss-weight both are independent (default: 1 - --kd-weight)')
+
+
+def loss_weights(args: argparse.Namespace) -> Tuple[float, float]:
+    """(student-loss weight, distillation weight) with timm's rules: both flags set -> both as given; only
+    --distill-loss-weight -> (1.0, it); only --task-loss-weight W -> (W, 1 - W); neither -> this project's
+    --kd-weight K -> (1 - K, K)."""
+    task_w, distill_w = args.task_loss_weight, args.distill_loss_weight
+    if distill_w is not None:
+        return (task_w if task_w is not None else 1.0), distill_w
+    if task_w is not None:
+        return task_w, 1.0 - task_w
+    return 1.0 - args.kd_weight, args.kd_weight
+
+
+def resolve_timm_kd_args(parser_error, args: argparse.Namespace) -> None:
+    """Map timm's KD flags onto this project's (--kd-model-name -> --teacher, --kd-distill-type -> --distiller);
+    contradictions stop with a message naming both flags."""
+    name = getattr(args, 'kd_model_name', None)
+    if name:
+        if args.teacher and args.teacher != name:
+            parser_error(f"--teacher '{args.teacher}' and --kd-model-name '{name}' name different teachers; pass "
+                         f"only one of them")
+        args.teacher = name
+    kd_type = args.kd_distill_type
+    if kd_type is not None:
+        wanted = TIMM_DISTILL_TYPES[kd_type]
+        if wanted not in DISTILLERS:
+            parser_error(f"--kd-distill-type {kd_type} is not available here; choose one of "
+                         f"{sorted(t for t, d in TIMM_DISTILL_TYPES.items() if d in DISTILLERS)}")
+        if args.distiller not in ('none', wanted):
+            parser_error(f'--kd-distill-type {kd_type} means --distiller {wanted}, but --distiller {args.distiller} '
+                         f'is set; pass only one of them')
+    if args.distiller == 'none' and (name or (kd_type is not None and args.teacher)):
+        args.distiller = TIMM_DISTILL_TYPES[kd_type or 'logit']
+    for flag, w in (('--distill-loss-weight', args.distill_loss_weight), ('--task-loss-weight', args.task_loss_weight)):
+        if w is not None and not (w >= 0 and w < float('inf')):
+            parser_error(f'{flag} must be a finite number >= 0, got {w}')
+    if args.distill_loss_weight is None and args.task_loss_weight is not None and args.task_loss_weight > 1:
+        parser_error(f'--task-loss-weight {args.task_loss_weight} alone gives the distillation term 1 - W < 0; '
+                     f'pass a value in [0, 1] or set --distill-loss-weight too')
+    if args.distiller == 'none' and (args.distill_loss_weight is not None or args.task_loss_weight is not None
+                                     or kd_type is not None):
+        parser_error('--kd-distill-type / --distill-loss-weight / --task-loss-weight need a teacher: pass '
+                     '--kd-model-name NAME (or --distiller and --teacher)')

@@ -8,19 +8,20 @@ from .base import DistillTask, kd_loss
 
 
 class KDTask(DistillTask):
-    """loss = (1 - kd_weight) * student loss + kd_weight * T^2 * softCE(teacher, student).
+    """loss = task_weight * student loss + kd_weight * T^2 * softCE(teacher, student); task_weight defaults
+    to 1 - kd_weight.
 
     Returns the weighted ``loss``, the student ``output`` and the unweighted ``loss_cls`` and
     ``loss_kd``.
     """
 
     def __init__(self, student: nn.Module, teacher: nn.Module, kd_weight: float = 0.5,
-                 kd_temperature: float = 1.0, **kwargs):
+                 kd_temperature: float = 1.0, task_weight: Optional[float] = None, **kwargs):
         super().__init__(student, teacher, **kwargs)
         self.trainable_module = student
         self.kd_weight = kd_weight
         self.kd_temperature = kd_temperature
-        self.loss_weights = {'loss_cls': 1.0 - kd_weight, 'loss_kd': kd_weight}
+        self.loss_weights = {'loss_cls': 1.0 - kd_weight if task_weight is None else task_weight, 'loss_kd': kd_weight}
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
         self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
@@ -34,5 +35,5 @@ class KDTask(DistillTask):
         logits = self.trainable_module(input)
         loss_cls = self.criterion(logits, target)
         loss_kd = kd_loss(logits, teacher_logits, self.kd_temperature)
-        loss = (1.0 - self.kd_weight) * loss_cls + self.kd_weight * loss_kd
+        loss = self.loss_weights['loss_cls'] * loss_cls + self.loss_weights['loss_kd'] * loss_kd
         return {'loss': loss, 'output': logits, 'loss_cls': loss_cls, 'loss_kd': loss_kd}

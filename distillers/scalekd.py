@@ -118,7 +118,7 @@ class ScaleKDTask(DistillTask):
         tail_blocks: blocks in the teacher tail for ViT/EVA teachers (default depth // 12).
         dfm_norm: 'safe' (default: no 0/0 at rounding-level positions of the alternative view) or
             'official' (F.normalize, as the official code; see distillers/dfm.py).
-        kd_weight, kd_temperature: logit KD; the student loss is weighted 1 - kd_weight.
+        kd_weight, kd_temperature: logit KD; the student loss is weighted task_weight (default 1 - kd_weight).
         **kwargs: DistillTask arguments (criterion, mean/std, teacher_mode, teacher_img_size, ...).
     """
 
@@ -139,6 +139,7 @@ class ScaleKDTask(DistillTask):
             dfm_norm: str = 'safe',
             kd_weight: float = 0.5,
             kd_temperature: float = 1.0,
+            task_weight: Optional[float] = None,
             **kwargs,
     ):
         super().__init__(student, teacher, **kwargs)
@@ -183,7 +184,7 @@ class ScaleKDTask(DistillTask):
                     softmax_scale=softmax_scale[i], learned_query=False, norm=cap_norm)
         caps.to(student_device)
         self.trainable_module = ScaleKDModule(student, caps, taps, self.tail)
-        self.loss_weights = {'loss_cls': 1.0 - kd_weight, 'loss_kd': kd_weight}
+        self.loss_weights = {'loss_cls': 1.0 - kd_weight if task_weight is None else task_weight, 'loss_kd': kd_weight}
         for stage in ('s3', 's4'):
             for i, suffix in enumerate(('', '_alt')):
                 if self.alpha[stage][i]:

@@ -85,6 +85,8 @@ FLAG_DOMAINS = {
     'teacher_img_size': ('int', 1, None, 'teacher input size in pixels'),
     'kd_temperature': ('float', ('>', 0), None, 'logit KD temperature'),
     'kd_weight': ('float', 0, 1, 'logit KD weight (the student loss gets 1 - W)'),
+    'distill_loss_weight': ('float', 0, None, 'weight of the distillation term'),
+    'task_loss_weight': ('float', 0, None, 'weight of the student loss'),
     'scalekd_alpha_s3': ('float', 0, None, 'stage-3 feature weights'),
     'scalekd_alpha_s4': ('float', 0, None, 'stage-4 feature weights'),
     'scalekd_heads_s3': ('int', 1, None, 'stage-3 projector heads'),
