@@ -3,6 +3,7 @@ timm's pooled-feature and DeiT-token distillation (against timm's own tasks), an
 import argparse
 import copy
 import csv
+import os
 import statistics
 
 import pytest
@@ -11,14 +12,17 @@ import timm
 import torch
 import torch.nn as nn
 import torch.nn.functional as F
+from timm.data import resolve_data_config
 from timm.task import FeatureDistillationTask, TokenDistillationTask
 
 import export
 import models  # noqa: F401
 import train_kd
+from config import load_recipe
 from distillers import build_task
 from distillers.dist import dist_terms, inter_class_relation, intra_class_relation, pearson_rows
 from distillers.feature import timm_loss_weights
+from distillers.flags import criterion_kwargs, task_kwargs
 from runtime.errors import FatalError
 
 TOKEN_STUDENT = 'deit_tiny_distilled_patch16_224'
@@ -276,3 +280,39 @@ def test_bad_baseline_inputs_stop_before_step_0(image_folder, teacher_ckpt, tmp_
     with pytest.raises(SystemExit) as e:
         train_kd.main(base[:2] + ['-b', '1'] + base[4:] + ['--experiment', 'one', '--distiller', 'dist'])
     assert e.value.code == 2
+
+
+# --- the baseline recipes ----------------------------------------------------------------------------------------
+BASELINE_RECIPES = {'swinl_r50_dist': 'dist', 'swinl_r50_feature': 'feature', 'swinl_deitb_token': 'token'}
+
+
+@pytest.mark.parametrize('name', list(BASELINE_RECIPES))
+def test_baseline_recipe_builds_its_task_at_224(name, one_thread):
+    """Each recipe's flags reach its task (through task_kwargs, as train_kd.py passes them); the real student at 224
+    px steps once with a small stand-in teacher (Swin-T: the recipes' Swin-L is 197 M params)."""
+    path = os.path.join(os.path.dirname(os.path.dirname(os.path.abspath(__file__))), 'recipes', name + '.yaml')
+    parser = train_kd.build_parser()
+    parser.set_defaults(**load_recipe(path, parser))
+    args = parser.parse_args([])
+    text = open(path).read()
+    assert args.distiller == BASELINE_RECIPES[name] and args.teacher.startswith('swin_large')
+    assert 'kd_temperature:' in text  # set explicitly: this project's default (1.0) is not timm's train.py's (4.0)
+    assert 'Paper number: none' in text or any(n in text.split('\n\n', 1)[0] for n in ('80.2', '83.4'))
+    torch.manual_seed(0)
+    student = timm.create_model(args.model, num_classes=1000, **args.model_kwargs)
+    teacher = timm.create_model('swin_tiny_patch4_window7_224', num_classes=1000)
+    data_config = resolve_data_config(vars(args), model=student)
+    img_size = tuple(data_config['input_size'][-2:])
+    task = build_task(args.distiller, student, teacher, criterion_kwargs=criterion_kwargs(args),
+                      **task_kwargs(args, img_size), mean=data_config['mean'], std=data_config['std'])
+    if args.distiller == 'dist':
+        assert task.loss_weights == {'loss_cls': 1.0, 'loss_inter': 2.0, 'loss_intra': 2.0}
+    elif args.distiller == 'token':
+        assert task.distill_type == 'hard' and student.distilled_training
+    else:
+        assert task.feature_dims == (2048, 768)  # ResNet-50-D -> Swin-T here (1536 with the recipe's Swin-L)
+    task.train()
+    out = task(torch.randn(2, 3, *img_size), torch.tensor([3, 7]))
+    assert set(task.loss_weights) <= set(out) and all(torch.isfinite(out[k]) for k in task.loss_weights)
+    out['loss'].backward()
+    assert all(p.grad is None for p in teacher.parameters())
