@@ -1,5 +1,5 @@
 """DIST: relation distillation from a stronger teacher (Huang et al., NeurIPS 2022, "Knowledge Distillation from A
-Stronger Teacher", Sec. 3, Eq. 8-10).
+Stronger Teacher", Sec. 3).
 
 With Y_s, Y_t = softmax(z / tau) of the student and the teacher, a (B, K) batch of class probabilities:
 

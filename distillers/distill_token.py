@@ -1,5 +1,5 @@
-"""DeiT's distillation token (Touvron et al., ICML 2021, Sec. 4): timm's ``TokenDistillationTask`` in this project's
-teacher handling.
+"""DeiT's distillation token (Touvron et al., ICML 2021, "Training data-efficient image transformers & distillation
+through attention"): timm's ``TokenDistillationTask`` in this project's teacher handling.
 
 The student is a ViT with a distillation token and head (timm's ``VisionTransformerDistilled``, e.g.
 ``deit_base_distilled_patch16_224``). In training it returns (class-head logits, distillation-head logits):

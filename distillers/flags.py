@@ -43,7 +43,8 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     # DIST (Huang et al., NeurIPS 2022): the paper's ImageNet weights; its tau is --kd-temperature
     for name, what in (('alpha', 'student loss'), ('beta', 'inter-class relation'), ('gamma', 'intra-class relation')):
         group.add_argument(f'--dist-{name}', type=float, default=DIST_PAPER[name], metavar='W',
-                           help=f'DIST {what} weight {name} (default: {DIST_PAPER[name]:g}, the paper\'s ImageNet value)')
+                           help=f'DIST {what} weight {name} (default: {DIST_PAPER[name]:g}, the paper\'s ImageNet '
+                                f'value)')
     group.add_argument('--token-distill-type', default='soft', type=str, choices=TOKEN_TYPES,
                        help='DeiT distillation-token loss: soft (KL at --kd-temperature) or hard (CE with the '
                             'teacher\'s top-1 class) (default: soft, as timm)')

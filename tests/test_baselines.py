@@ -256,7 +256,8 @@ def test_distiller_trains_resumes_and_exports(distiller, image_folder, teacher_c
     ckpt = _load(run / 'last.pth.tar')
     assert ckpt['epoch'] == 1
 
-    out = export.export_main(['--checkpoint', str(run / 'last.pth.tar'), '--output', str(tmp_path / 'student.safetensors')])
+    out = export.export_main(['--checkpoint', str(run / 'last.pth.tar'), '--output',
+                              str(tmp_path / 'student.safetensors')])
     state = safetensors.torch.load_file(out['output'])
     name = student_flags[1]
     plain = timm.create_model(name, num_classes=3, **(TOKEN_KWARGS if distiller == 'token' else {}))
