@@ -45,7 +45,8 @@ def check_token_student(student: nn.Module) -> None:
         raise FatalError(f"--distiller token needs a student with a distillation token and head (timm's "
                          f"VisionTransformerDistilled); {type(m).__name__} has none. Pass a distilled DeiT as --model "
                          f"(e.g. deit_tiny_distilled_patch16_224, deit_small_distilled_patch16_224, "
-                         f"deit_base_distilled_patch16_224), or use --distiller kd for this student")
+                         f"deit_base_distilled_patch16_224), build a DeiT with one (--model deit_base_patch16_224 "
+                         f"--model-kwargs distilled=True), or use --distiller kd for this student")
 
 
 class TokenTask(DistillTask):

@@ -199,10 +199,15 @@ def test_token_loss_equals_timm_token_task(distill_type):
 
 
 def test_token_refuses_a_student_without_a_distillation_token():
-    with pytest.raises(FatalError, match=r'--distiller token needs a student with a distillation token .*ResNet has '
-                                         r'none.*deit_base_distilled_patch16_224'):
-        build_task('token', timm.create_model('scalekd_demo_resnet', num_classes=3),
-                   timm.create_model('scalekd_demo_vit', num_classes=3))
+    teacher = timm.create_model('scalekd_demo_vit', num_classes=3)
+    for student in (timm.create_model('scalekd_demo_resnet', num_classes=3),
+                    timm.create_model('deit_tiny_patch16_224', num_classes=3, **TOKEN_KWARGS)):
+        with pytest.raises(FatalError, match=r'--distiller token needs a student with a distillation token .*'
+                                             r'(ResNet|VisionTransformer) has none.*deit_base_distilled_patch16_224'):
+            build_task('token', student, teacher)
+    # the fix the message names: a DeiT built with the token (its export loads with the same model kwargs)
+    student = timm.create_model('deit_tiny_patch16_224', num_classes=3, distilled=True, **TOKEN_KWARGS)
+    assert build_task('token', student, teacher).trainable_module.distilled_training
 
 
 # --- train_kd.py: two steps, checkpoint, resume, export -------------------------------------------------------------
