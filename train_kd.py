@@ -13,7 +13,6 @@ import argparse
 import json
 import logging
 import os
-import subprocess
 import sys
 from collections import OrderedDict
 from contextlib import suppress
@@ -40,6 +39,7 @@ from distillers.preflight import check_train_inputs, checked_build_task, settle_
 from distillers.flags import add_distill_args, check_distill_args, criterion_kwargs, resolve_teacher_img_size, \
     task_kwargs
 from runtime.checkpoint import check_output_dir
+from runtime.code_version import code_version
 from runtime.data import check_bad_images, check_data_dir, guard_bad_images
 from runtime.distributed import collective_failure_message, collective_timeout
 from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error
@@ -569,7 +569,7 @@ def _setup_device(args):
     else:
         _logger.info(f'Training with a single process on device {args.device}.')
     if utils.is_primary(args):
-        _logger.info(f'Code: {_code_version()}, torch {torch.__version__}, timm {timm.__version__}')
+        _logger.info(f'Code: {code_version()}, torch {torch.__version__}, timm {timm.__version__}')
     assert args.rank >= 0
     if args.aug_repeats and not args.distributed:
         raise FatalError(f'--aug-repeats {args.aug_repeats:g} needs distributed training (timm\'s RepeatAugSampler); '
@@ -577,18 +577,6 @@ def _setup_device(args):
     if args.sync_bn and args.distributed and device.type == 'cpu':
         raise FatalError('--sync-bn needs GPUs (torch SyncBatchNorm does not run on CPU); drop --sync-bn for CPU runs')
     return device
-
-
-def _code_version() -> str:
-    """The git commit of this checkout ('+changes' when tracked files differ), or 'not a git checkout'."""
-    git = partial(subprocess.run, cwd=os.path.dirname(os.path.abspath(__file__)), capture_output=True, text=True,
-                  timeout=10)
-    try:
-        sha = git(['git', 'rev-parse', '--short=12', 'HEAD'], check=True).stdout.strip()
-        dirty = git(['git', 'status', '--porcelain', '--untracked-files=no']).stdout.strip()
-    except (OSError, subprocess.SubprocessError):
-        return 'not a git checkout'
-    return f"git {sha}{'+changes' if dirty else ''}"
 
 
 def _create_datasets(args):

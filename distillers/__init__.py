@@ -6,6 +6,9 @@ import torch.nn as nn
 from timm.task import ClassificationTask
 
 from .base import DistillTask, kd_loss
+from .dist import DISTTask
+from .distill_token import TokenTask
+from .feature import FeatureTask
 from .logit import KDTask
 from .scalekd import ScaleKDTask
 from .teacher import TeacherLoadError, create_teacher
@@ -14,6 +17,9 @@ from .teacher import TeacherLoadError, create_teacher
 DISTILLERS = {
     'none': ClassificationTask,
     'kd': KDTask,
+    'dist': DISTTask,
+    'feature': FeatureTask,
+    'token': TokenTask,
     'scalekd': ScaleKDTask,
 }
 
@@ -31,5 +37,5 @@ def build_task(name: str, student: nn.Module, teacher: Optional[nn.Module] = Non
     return cls(student, teacher, **kwargs)
 
 
-__all__ = ['DISTILLERS', 'build_task', 'DistillTask', 'KDTask', 'ScaleKDTask', 'kd_loss', 'create_teacher',
-           'TeacherLoadError']
+__all__ = ['DISTILLERS', 'build_task', 'DistillTask', 'KDTask', 'DISTTask', 'FeatureTask', 'TokenTask', 'ScaleKDTask',
+           'kd_loss', 'create_teacher', 'TeacherLoadError']

@@ -14,6 +14,8 @@ from timm import utils
 from .balance import DEFAULT_FACTOR
 from runtime.errors import FatalError
 from .base import TEACHER_MODES
+from .dist import PAPER_IMAGENET as DIST_PAPER
+from .distill_token import DISTILL_TYPES as TOKEN_TYPES
 from . import DISTILLERS
 
 
@@ -35,9 +37,17 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
     group.add_argument('--teacher-kwargs', nargs='*', default={}, action=utils.ParseKwargs,
                        help='extra teacher model kwargs, e.g. drop_path_rate=0.1')
     group.add_argument('--kd-temperature', type=float, default=1.0, metavar='T',
-                       help='logit KD temperature (default: 1.0)')
+                       help='temperature of the logit terms: kd, dist (its tau) and token soft (default: 1.0)')
     group.add_argument('--kd-weight', type=float, default=0.5, metavar='W',
                        help='logit KD weight; the student loss gets 1 - W (default: 0.5)')
+    # DIST (Huang et al., NeurIPS 2022): the paper's ImageNet weights; its tau is --kd-temperature
+    for name, what in (('alpha', 'student loss'), ('beta', 'inter-class relation'), ('gamma', 'intra-class relation')):
+        group.add_argument(f'--dist-{name}', type=float, default=DIST_PAPER[name], metavar='W',
+                           help=f'DIST {what} weight {name} (default: {DIST_PAPER[name]:g}, the paper\'s ImageNet '
+                                f'value)')
+    group.add_argument('--token-distill-type', '--kd-token-distill-type', default='soft', type=str, choices=TOKEN_TYPES,
+                       help='DeiT distillation-token loss: soft (KL at --kd-temperature) or hard (CE with the '
+                            'teacher\'s top-1 class) (default: soft, as timm)')
     # per-stage weight pairs as the paper and the official configs give them (stage 3 = the TPP proxy path)
     for stage, path in (('s3', 'stage-3 (proxy path)'), ('s4', 'stage-4')):
         group.add_argument(f'--scalekd-alpha-{stage}', type=float, nargs=2, default=[0.08, 0.06],
@@ -75,11 +85,20 @@ def task_kwargs(args: argparse.Namespace, img_size: Tuple[int, int]) -> Dict[str
     """The one place where flags become distiller keyword arguments."""
     if args.distiller == 'none':
         return {}
-    task_w, distill_w = loss_weights(args)
     kw = dict(teacher_mode=args.teacher_mode,
-              teacher_img_size=(args.teacher_img_size,) * 2 if args.teacher_img_size else None,
-              kd_weight=distill_w, task_weight=task_w, kd_temperature=args.kd_temperature)
-    if args.distiller == 'scalekd':
+              teacher_img_size=(args.teacher_img_size,) * 2 if args.teacher_img_size else None)
+    if args.distiller in ('kd', 'scalekd'):
+        task_w, distill_w = loss_weights(args)
+        kw.update(kd_weight=distill_w, task_weight=task_w, kd_temperature=args.kd_temperature)
+    if args.distiller == 'dist':
+        kw.update(dist_alpha=args.dist_alpha, dist_beta=args.dist_beta, dist_gamma=args.dist_gamma,
+                  kd_temperature=args.kd_temperature)
+    elif args.distiller in ('feature', 'token'):
+        # timm's own tasks apply timm's weight rules (neither flag: both 1.0)
+        kw.update(distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight)
+        if args.distiller == 'token':
+            kw.update(distill_type=args.token_distill_type, kd_temperature=args.kd_temperature)
+    elif args.distiller == 'scalekd':
         kw.update(img_size=img_size, student_s3=args.scalekd_student_s3, student_s4=args.scalekd_student_s4,
                   alpha_s3=args.scalekd_alpha_s3, alpha_s4=args.scalekd_alpha_s4, heads_s3=args.scalekd_heads_s3,
                   heads_s4=args.scalekd_heads_s4, softmax_scale=args.scalekd_softmax_scale,
@@ -104,9 +123,13 @@ def check_distill_args(parser_error, args: argparse.Namespace) -> None:
         parser_error(f'--distiller {args.distiller} needs a teacher: pass --teacher NAME (and --teacher-checkpoint '
                      f'PATH for local weights)')
     if args.distiller == 'none' and (args.teacher or args.teacher_checkpoint):
-        parser_error('--teacher is set but --distiller is none; pass --distiller kd or --distiller scalekd')
+        parser_error(f'--teacher is set but --distiller is none; pass one of --distiller '
+                     f'{", ".join(d for d in DISTILLERS if d != "none")}')
     if args.teacher_checkpoint and not os.path.isfile(args.teacher_checkpoint):
         parser_error(f"--teacher-checkpoint '{args.teacher_checkpoint}' does not exist")
+    if args.distiller == 'dist' and args.batch_size < 2:
+        parser_error(f'--distiller dist needs -b 2 or more: its intra-class term correlates each class\'s '
+                     f'probabilities across the images of one process\'s batch (got -b {args.batch_size})')
     if args.distiller == 'scalekd' and args.layer_decay is not None:
         parser_error('--layer-decay is not supported with --distiller scalekd (projectors have no layer id)')
 
@@ -193,6 +216,9 @@ def resolve_timm_kd_args(parser_error, args: argparse.Namespace) -> None:
     if args.distill_loss_weight is None and args.task_loss_weight is not None and args.task_loss_weight > 1:
         parser_error(f'--task-loss-weight {args.task_loss_weight} alone gives the distillation term 1 - W < 0; '
                      f'pass a value in [0, 1] or set --distill-loss-weight too')
+    if args.distiller == 'dist' and (args.distill_loss_weight is not None or args.task_loss_weight is not None):
+        parser_error('--distill-loss-weight / --task-loss-weight do not apply to --distiller dist (two relation '
+                     'terms): set its weights with --dist-alpha (student loss), --dist-beta and --dist-gamma')
     if args.distiller == 'none' and (args.distill_loss_weight is not None or args.task_loss_weight is not None
                                      or kd_type is not None):
         parser_error('--kd-distill-type / --distill-loss-weight / --task-loss-weight need a teacher: pass '

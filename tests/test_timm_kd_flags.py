@@ -62,12 +62,23 @@ def test_kd_model_name_alone_turns_logit_kd_on():
     (('--distill-loss-weight', '0.5'), 'need a teacher'),
     (('--kd-distill-type', 'logit'), 'need a teacher'),
     (('--distiller', 'scalekd', '--kd-model-name', TEACHER, '--kd-distill-type', 'logit'), '--distiller scalekd'),
+    (('--distiller', 'dist', '--kd-model-name', TEACHER, '--task-loss-weight', '0.5'), '--dist-alpha'),
 ])
 def test_contradictions_stop_at_parse_time(flags, needle, capsys):
     with pytest.raises(SystemExit) as e:
         _parse(*flags)
     assert e.value.code == 2
     assert needle in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('kd_type, distiller', [('feature', 'feature'), ('token', 'token')])
+def test_kd_distill_type_selects_timm_task_with_timm_weights(kd_type, distiller):
+    args = _parse('--kd-model-name', TEACHER, '--kd-distill-type', kd_type, '--task-loss-weight', '0.25',
+                  '--kd-token-distill-type', 'hard')
+    assert args.distiller == distiller and args.token_distill_type == 'hard'
+    kw = task_kwargs(args, (32, 32))
+    assert (kw['task_loss_weight'], kw['distill_loss_weight']) == (0.25, None)  # timm's task applies its rule
+    assert 'kd_weight' not in kw
 
 
 def test_task_gets_timm_weights(teacher_ckpt):
