@@ -669,8 +669,9 @@ def _resume(args, task, optimizer, loss_scaler, resume_path, config):
             raise FatalError(f"--resume checkpoint '{resume_path}' does not exist") from None
         except RuntimeError as e:
             raise FatalError(f"--resume checkpoint '{resume_path}' does not fit this run: {str(e)[:500]}") from None
+        defaults = {a.dest: a.default for a in build_parser()._actions}  # flags newer than the checkpoint
         extras = load_state_extras(resume_path, config, rank=args.rank, world_size=args.world_size,
-                                   force=args.resume_force)
+                                   force=args.resume_force, defaults=defaults)
     start_epoch = args.start_epoch if args.start_epoch is not None else resume_epoch or 0
     if extras is not None and extras.get('batch_idx') is not None:
         # a mid-epoch (recovery) checkpoint: continue inside its epoch, at the next unseen batch

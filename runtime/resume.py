@@ -145,8 +145,11 @@ def run_config(args, free_keys: Iterable[str]) -> Dict[str, Any]:
 
 
 def load_state_extras(path: str, config: Dict[str, Any], rank: int = 0, world_size: int = 1,
-                      force: bool = False) -> Dict[str, Any]:
+                      force: bool = False, defaults: Optional[Dict[str, Any]] = None) -> Dict[str, Any]:
     """Exact-resume state of a checkpoint; refuses a resume under different settings unless forced.
+
+    A setting the checkpoint does not record and that is at its ``defaults`` value now is a flag added
+    after the checkpoint was written, with the behaviour it had then: not a difference.
 
     ``rng`` / ``rng_prev`` come back as this rank's states (None when the checkpoint was written
     by a run with fewer ranks).
@@ -157,7 +160,9 @@ def load_state_extras(path: str, config: Dict[str, Any], rank: int = 0, world_si
     saved = extras.get('run_config')
     if saved is not None:
         now = config
-        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+        defaults = defaults or {}
+        diff = sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k)
+                      and not (k not in saved and k in defaults and now.get(k) == defaults[k]))
         if diff and not force:
             shown = ', '.join(f'{k}: {saved.get(k)!r} -> {now.get(k)!r}' for k in diff[:10])
             more = f' and {len(diff) - 10} more' if len(diff) > 10 else ''

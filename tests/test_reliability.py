@@ -436,6 +436,22 @@ def test_resume_with_another_recipe_is_refused_unless_forced(assets, tmp_path, c
     assert [r['epoch'] for r in _rows(tmp_path / 'r')] == ['0', '1']
 
 
+def test_resume_of_a_checkpoint_older_than_a_flag(assets, tmp_path, caplog):
+    """A checkpoint written before a flag existed resumes while that flag is at its default, and is refused when
+    the flag is set to something else (the old run trained with the default behaviour)."""
+    assert train_kd.main(_argv(assets, tmp_path, 'old')) == 0
+    path = str(tmp_path / 'old' / 'last.pth.tar')
+    ckpt = runtime.checkpoint.load_weights_only(path)
+    for key in ('dist_beta', 'task_loss_weight'):  # as if written before these flags were added
+        del ckpt['run_state']['run_config'][key]
+    torch.save(ckpt, path)
+    resume = _argv(assets, tmp_path, 'old', '--epochs', '2', '--resume', path)
+    assert train_kd.main(resume + ['--dist-beta', '3']) == 2
+    assert 'dist_beta: None -> 3.0' in caplog.text
+    assert train_kd.main(resume) == 0
+    assert [r['epoch'] for r in _rows(tmp_path / 'old')] == ['0', '1']
+
+
 def test_abort_policy_defers_the_check_to_the_next_flush():
     """--nonfinite abort observes on the device each update and decides at log/save points."""
     from runtime.errors import FatalError
