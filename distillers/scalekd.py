@@ -64,6 +64,17 @@ def _grid(hw) -> str:
     return f'{hw[0]}x{hw[1]}'
 
 
+class _Shared:
+    """Holds an object that copies share instead of duplicating: the EMA's deep copy of the trainable module
+    keeps pointing at the one frozen teacher instead of carrying a second, unused copy of it."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class ScaleKDModule(nn.Module):
     """Student + projectors: everything with gradients, in one module for DDP/EMA."""
 
@@ -72,7 +83,7 @@ class ScaleKDModule(nn.Module):
         self.student = student
         self.caps = caps
         self.taps = taps
-        self._tail = [tail]  # shares the frozen teacher; not a submodule (stays out of DDP/EMA)
+        self._tail = _Shared(tail)  # the frozen teacher's last stage: not a submodule (stays out of DDP/EMA)
 
     def no_weight_decay(self):
         student = unwrap_model(self.student)
@@ -95,7 +106,7 @@ class ScaleKDModule(nn.Module):
         caps = self.caps
         views = [v for v in VIEWS if f's3_{v}' in caps]
         p3 = [caps[f's3_{v}'].to_map(caps[f's3_{v}'](s3)) for v in views]  # (B, C3t, H3t, W3t) each
-        r3 = dict(zip(views, perceive(self._tail[0], p3)))  # (B, C4t, H4t, W4t) each
+        r3 = dict(zip(views, perceive(self._tail.obj, p3)))  # (B, C4t, H4t, W4t) each
         out = {f'r3_{v}': r3[v] for v in views}
         for v in views:
             cap = caps[f's4_{v}'] if f's4_{v}' in caps else None

@@ -282,3 +282,11 @@ def test_learned_queries_once_per_step_are_exact():
     want.backward(g)
     for (n, a), b in zip(cap.named_parameters(), ref.parameters()):
         torch.testing.assert_close(a.grad, b.grad, rtol=1e-6, atol=1e-6 * b.grad.abs().max().item(), msg=n)
+
+
+def test_ema_copy_shares_the_frozen_teacher():
+    task = _task()
+    task.setup_ema(decay=0.9)
+    ema = task.get_trainable_module(ema=True).module
+    assert ema._tail.obj is task.tail and ema._tail.obj.teacher is task.teacher.model
+    assert ema.caps['s3_a'].q.weight is not task.trainable_module.caps['s3_a'].q.weight
