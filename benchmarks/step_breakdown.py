@@ -115,9 +115,12 @@ def prefetch_depth(workers: int) -> int:
 def write_jpeg_folder(root: str, count: int, size, num_classes: int, seed: int = 0) -> str:
     """``count`` JPEG files (quality 90, ``size`` = (W, H)) in an ImageFolder ``root``/train/<class>/; smooth random
     content with fine noise, so decoding costs about what a photo of that size costs. Returns ``root``."""
-    done = os.path.join(root, f'.complete-{count}-{size[0]}x{size[1]}-{num_classes}')
-    if os.path.exists(done):
-        return root
+    tag = f'{size[0]}x{size[1]}-{num_classes}'
+    done = os.path.join(root, '.complete')
+    if os.path.exists(done):  # written before: reused when it holds enough files of this kind
+        have_tag, have = open(done).read().split()
+        if have_tag == tag and int(have) >= count:
+            return root
     rng = np.random.default_rng(seed)
     w, h = size
     for i in range(count):
@@ -127,7 +130,8 @@ def write_jpeg_folder(root: str, count: int, size, num_classes: int, seed: int =
         img = np.asarray(coarse.resize((w, h), Image.BICUBIC), dtype=np.int16)
         img = (img + rng.integers(-12, 13, img.shape)).clip(0, 255).astype(np.uint8)
         Image.fromarray(img).save(os.path.join(d, f'{i:06d}.jpg'), quality=90)
-    open(done, 'w').close()
+    with open(done, 'w') as f:
+        f.write(f'{tag} {count}')
     return root
 
 

@@ -160,3 +160,25 @@ def test_step_breakdown_compiled_mode(tmp_path):
                                         ('NVIDIA L40S', 362.1), ('NVIDIA L4', 121.0), ('Tesla V100-SXM2-32GB', None)])
 def test_dense_bf16_peak_by_device_name(name, peak):
     assert step_breakdown.dense_bf16_peak(name)[1] == peak
+
+
+def test_gpu_check_tiny_mode_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh in its CPU mode (demo pairs, eager only here): every pair's JSON carries the
+    same-precision speed-up and the trainer-step img/s, and the summary prints one line per pair and mode."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TINY='1', MODES='eager', STEPS='1', WARMUP='1', OUT_DIR=str(tmp_path / 'out'),
+               PYTHON=sys.executable, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    proc = subprocess.run(['bash', os.path.join(root, 'benchmarks', 'gpu_check.sh')], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'dense bf16 peak table' in proc.stdout and 'H100 989.4' in proc.stdout
+    for name in ('swinl_r50', 'swinl_vitb'):
+        result = json.loads((tmp_path / 'out' / f'{name}_eager.json').read_text())
+        for key in ('speedup_vs_reference_same_precision', 'trainer_step_img_per_s'):
+            assert math.isfinite(result[key]) and result[key] > 0, (name, key)
+        assert result['amp'] == 'bfloat16' and result['full_step']['img_per_s'] > 0
+        summary = [line for line in proc.stdout.splitlines() if line.startswith(f'{name:<12} eager')]
+        assert len(summary) == 1, proc.stdout[-2000:]
