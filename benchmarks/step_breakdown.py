@@ -25,7 +25,8 @@ counted eagerly before anything is compiled.
 
     python benchmarks/step_breakdown.py --model scalekd_demo_resnet --teacher scalekd_demo_vit \\
         --img-size 32 --num-classes 10 -b 32 --device cpu -j 0 --json out.json
-    python benchmarks/step_breakdown.py --config recipes/swinl_r50.yaml --torchcompile --torchcompile-mode reduce-overhead
+    python benchmarks/step_breakdown.py --config recipes/swinl_r50.yaml --torchcompile \\
+        --torchcompile-mode reduce-overhead
 
 Every train_kd.py flag is accepted (--opt, --lr, --model-kwargs, --teacher-kwargs, --amp, --channels-last,
 --torchcompile, --torchcompile-mode, ...). --amp means bf16 autocast here, with the teacher held in bf16 as
@@ -469,8 +470,8 @@ def run_trainer(ctx, args, amp, steps: int):
         guard=NonFiniteGuard(args.nonfinite, args.nonfinite_max_skips, device=ctx['device']), timer=timer,
         position=EpochPosition(), output_dir='')
     _sync(ctx['device'])
-    return dict(img_per_s=metrics['img_per_s'], updates=len(loader), data_wait=timer.data.avg / max(timer.update.avg, 1e-9),
-                ms=1e3 * timer.update.avg)
+    return dict(img_per_s=metrics['img_per_s'], updates=len(loader), ms=1e3 * timer.update.avg,
+                data_wait=timer.data.avg / max(timer.update.avg, 1e-9))
 
 
 def run_benchmark(bench, args):
@@ -636,12 +637,14 @@ def format_table(r):
     if r['device_bf16_peak_tflops']:
         fs = r['full_step']
         lines.append(f"full step vs device          : {fs['tflops_per_s']:.1f} TFLOP/s = "
-                     f"{100 * fs['fraction_of_bf16_peak']:.1f}% of the dense bf16 peak {r['device_bf16_peak_tflops']:g} "
+                     f"{100 * fs['fraction_of_bf16_peak']:.1f}% of the dense bf16 peak "
+                     f"{r['device_bf16_peak_tflops']:g} "
                      f"TFLOP/s ({r['device_bf16_peak_entry']})")
     if r['ratios_from_min']:
         lines.append('from the fastest round       : ' + ', '.join(
             f'{k} {v:.3f}' for k, v in r['ratios_from_min'].items()))
-    lines.append(f"reference vs optimised losses: max relative difference {r['reference_max_rel_loss_diff']:.2e} (fp32)")
+    lines.append(f"reference vs optimised losses: max relative difference "
+                 f"{r['reference_max_rel_loss_diff']:.2e} (fp32)")
     return '\n'.join(lines)
 
 

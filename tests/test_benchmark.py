@@ -100,7 +100,8 @@ def test_step_breakdown_end_to_end(tmp_path):
     assert time.time() - t0 < 60
     result = json.loads(path.read_text())
     for key in ('ratio_step_to_sum_of_parts', 'ratio_step_to_student_step', 'speedup_vs_reference',
-                'speedup_vs_reference_same_precision', 'trainer_step_img_per_s', 'ratio_trainer_to_full_step_img_per_s'):
+                'speedup_vs_reference_same_precision', 'trainer_step_img_per_s',
+                'ratio_trainer_to_full_step_img_per_s'):
         assert math.isfinite(result[key]) and result[key] > 0, key
     parts = result['parts']
     for name in ('data', 'teacher_fwd', 'student_fb', 'heads_fb', 'optimizer', 'task_fwd', 'scalekd_step',

@@ -72,14 +72,14 @@ def test_compile_runs_teacher_tail_student_and_projectors_through_graphs(one_thr
     task.compile(backend=recording_backend)
     x, y = _batch()
     compiled = _step(task, x, y)
-    assert len(graphs) == 2, f'teacher forward + trainable module as one graph each (no graph breaks), got {len(graphs)}'
+    assert len(graphs) == 2, f'teacher forward + trainable module: one graph each (no graph break), got {len(graphs)}'
     seen = set().union(*graphs)
     module = task.trainable_module._orig_mod
     for name, mod in (('teacher', task.teacher.model), ('teacher tail', task.tail.teacher.blocks[task.tail.start:]),
                       ('student', module.student), ('projectors', module.caps)):
         params = list(mod.parameters())
         missing = [n for n, p in mod.named_parameters() if p.data_ptr() not in seen]
-        assert params and not missing, f'{name}: {len(missing)} of {len(params)} parameters ran eagerly, e.g. {missing[:3]}'
+        assert params and not missing, f'{name}: {len(missing)} of {len(params)} parameters ran eagerly: {missing[:3]}'
     # the teacher graph is the one that holds the teacher's patch embedding (outside the tail)
     assert sum(task.teacher.model.patch_embed.proj.weight.data_ptr() in g for g in graphs) == 1
     _same_step(_step(eager, x, y), compiled, rtol=1e-6, atol_scale=1e-6)
