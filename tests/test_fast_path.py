@@ -290,3 +290,22 @@ def test_ema_copy_shares_the_frozen_teacher():
     ema = task.get_trainable_module(ema=True).module
     assert ema._tail.obj is task.tail and ema._tail.obj.teacher is task.teacher.model
     assert ema.caps['s3_a'].q.weight is not task.trainable_module.caps['s3_a'].q.weight
+
+
+def test_compiled_run_trains_validates_and_saves_bare_keys(tmp_path, image_folder, one_thread):
+    """A whole train_kd.py run with --torchcompile (aot_eager: no C++ build) and an EMA: it trains, validates the
+    compiled student and its EMA, and writes the student and projectors without compile or DDP prefixes."""
+    import argparse
+    torch.manual_seed(0)
+    torch.save({'state_dict': timm.create_model('scalekd_demo_vit', num_classes=3).state_dict()},
+               tmp_path / 'teacher.pth')
+    argv = ['--data-dir', image_folder, '--model', 'scalekd_demo_resnet', '--distiller', 'scalekd',
+            '--teacher', 'scalekd_demo_vit', '--teacher-checkpoint', str(tmp_path / 'teacher.pth'), '-b', '4',
+            '--epochs', '1', '-j', '0', '--lr', '0.01', '--output', str(tmp_path / 'out'), '--experiment', 'c',
+            '--torchcompile', 'aot_eager', '--model-ema', '--clip-grad', '5', '--loss-balance-factor', '0']
+    assert train_kd.main(argv) == 0
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        ckpt = torch.load(tmp_path / 'out' / 'c' / 'last.pth.tar', map_location='cpu', weights_only=True)
+    keys = list(ckpt['state_dict']) + list(ckpt['state_dict_ema']) + list(ckpt['task_state']['caps'])
+    assert keys and not [k for k in keys if '_orig_mod' in k or k.startswith('module.')]
+    assert 'conv1.weight' in ckpt['state_dict'] and 's3_a.q.weight' in ckpt['task_state']['caps']
