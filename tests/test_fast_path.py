@@ -309,3 +309,22 @@ def test_compiled_run_trains_validates_and_saves_bare_keys(tmp_path, image_folde
     keys = list(ckpt['state_dict']) + list(ckpt['state_dict_ema']) + list(ckpt['task_state']['caps'])
     assert keys and not [k for k in keys if '_orig_mod' in k or k.startswith('module.')]
     assert 'conv1.weight' in ckpt['state_dict'] and 's3_a.q.weight' in ckpt['task_state']['caps']
+
+
+def test_run_started_before_the_fast_path_recipes_resumes_with_the_fp32_flags(tmp_path):
+    """A run started with a recipe without amp/channels_last passes the resume settings check with the new recipe
+    plus --no-amp --no-channels-last --amp-dtype float16, and is refused (naming them) without."""
+    from runtime.resume import run_config
+    path = os.path.join(ROOT, 'recipes', 'swinl_r50.yaml')
+    old = tmp_path / 'swinl_r50.yaml'
+    old.write_text(''.join(line for line in open(path) if not line.strip().startswith(
+        ('amp:', 'amp_dtype:', 'channels_last:'))))
+
+    def config(recipe, *flags):
+        args, _ = parse_args_with_recipe(train_kd.build_parser(), ['--config', str(recipe), '--data-dir', 'd', *flags])
+        return run_config(args, train_kd.RESUME_FREE_KEYS)
+
+    saved = config(old)
+    diff = lambda now: sorted(k for k in set(saved) | set(now) if saved.get(k) != now.get(k))
+    assert diff(config(path)) == ['amp', 'amp_dtype', 'channels_last']
+    assert diff(config(path, '--no-amp', '--no-channels-last', '--amp-dtype', 'float16')) == []
