@@ -41,10 +41,11 @@ from distillers.flags import add_distill_args, check_distill_args, criterion_kwa
 from runtime.checkpoint import check_output_dir
 from runtime.code_version import code_version
 from runtime.data import check_bad_images, check_data_dir, guard_bad_images
+from runtime.device import check_compile, check_precision, fused_optimizer_kwargs
 from runtime.distributed import collective_failure_message, collective_timeout
 from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error
 from runtime.metrics import StepTimer, TermSums, log_train_step, tensorboard_writer
-from runtime.nonfinite import NonFiniteGuard
+from runtime.nonfinite import NonFiniteGuard, norm_and_clip
 from runtime.plot import write_curves
 from runtime.resume import EpochPosition, append_summary, check_same_resume, find_resume, load_state_extras, \
     run_config, truncate_summary
@@ -122,7 +123,8 @@ def build_parser():
                        help='input batch size per process for training (default: 128)')
     group.add_argument('-vb', '--validation-batch-size', type=int, default=None, metavar='N',
                        help='validation batch size override (default: None)')
-    group.add_argument('--channels-last', action='store_true', default=False, help='use channels_last memory layout')
+    group.add_argument('--channels-last', action=argparse.BooleanOptionalAction, default=False,
+                       help='use channels_last memory layout (--no-channels-last: NCHW, where a recipe sets it)')
     group.add_argument('--grad-accum-steps', type=int, default=1, metavar='N',
                        help='the number of steps to accumulate gradients (default: 1)')
     group.add_argument('--grad-checkpointing', action='store_true', default=False,
@@ -140,7 +142,8 @@ def build_parser():
     group = parser.add_argument_group('Device parameters')
     group.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', type=str,
                        help='device to use for training (default: cuda if available)')
-    group.add_argument('--amp', action='store_true', default=False, help='use mixed precision (autocast)')
+    group.add_argument('--amp', action=argparse.BooleanOptionalAction, default=False,
+                       help='use mixed precision (autocast); --no-amp: fp32, where a recipe sets amp')
     group.add_argument('--amp-dtype', default='float16', type=str, choices=('float16', 'bfloat16'),
                        help='lower precision AMP dtype (default: float16)')
     group.add_argument('--no-ddp-bb', action='store_true', default=False,
@@ -400,8 +403,10 @@ def train(args, args_text):
 
     # move to device, channels_last, sync-bn (student only)
     task.to(device=device)
-    if args.channels_last:
+    if args.channels_last:  # the teacher too
         task.to(memory_format=torch.channels_last)
+    if use_amp and amp_dtype == torch.bfloat16 and hasattr(task, 'hold_teacher'):
+        task.hold_teacher(amp_dtype)  # frozen weights cast once, not by autocast in every call
     if args.distributed and args.sync_bn:
         args.dist_bn = ''
         student = task.get_eval_model()
@@ -414,7 +419,8 @@ def train(args, args_text):
     if args.lr is None:
         _resolve_lr(args)
 
-    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs)
+    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs,
+                                    **fused_optimizer_kwargs(args.opt, device, args.opt_kwargs))
 
     # optionally resume from a checkpoint: student, projectors, optimizer, scaler, then the exact-resume state
     output_dir = _output_dir(args, img_size)
@@ -433,15 +439,14 @@ def train(args, args_text):
         if resume_path:
             load_task_ema_checkpoint(task, resume_path)
 
-    if args.torchcompile:
-        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
-        task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
-
     # setup distributed training: DDP wraps the trainable module only, never the teacher
     if args.distributed:
         # buffers are broadcast by default; only the opt-out is passed (torch deprecates the flag itself)
         task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
                                  **(dict(broadcast_buffers=False) if args.no_ddp_bb else {}))
+    if args.torchcompile:  # after DDP, so that its all-reduce overlaps the compiled backward
+        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+        task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
 
     # loaders and mixup
     collate_fn, mixup_fn = _create_mixup(args)
@@ -576,6 +581,8 @@ def _setup_device(args):
                          f'launch with ./distributed_train.sh N ... or drop --aug-repeats')
     if args.sync_bn and args.distributed and device.type == 'cpu':
         raise FatalError('--sync-bn needs GPUs (torch SyncBatchNorm does not run on CPU); drop --sync-bn for CPU runs')
+    check_precision(args.amp, args.amp_dtype, device)  # bf16 on a GPU without it, a compiler that does not work:
+    check_compile(args.torchcompile, args.torchcompile_mode, device)  # stop here, not inside the first step
     return device
 
 
@@ -793,12 +800,12 @@ def train_one_epoch(
                             parameters=clip_params(), need_update=need_update)
                 return False
             _loss.backward()
-            if need_update:
-                if guard.skip_update(guard.with_gradient(_terms, task.get_trainable_module().parameters()),
-                                     num_updates):
+            if need_update:  # one gradient norm per update: non-finite check, --clip-grad and the log line
+                timer.grad_norm = norm_and_clip(task.get_trainable_module().parameters(), args.clip_grad,
+                                                args.clip_mode, clip_params())
+                norm = {} if timer.grad_norm is None else {'gradient': timer.grad_norm}
+                if guard.skip_update(dict(_terms, **norm), num_updates):
                     return True
-                if args.clip_grad is not None:
-                    utils.dispatch_clip_grad(clip_params(), value=args.clip_grad, mode=args.clip_mode)
                 optimizer.step()
             return False
 

@@ -102,6 +102,12 @@ class DistillTask(TrainingTask):
             x = F.interpolate(x, size=self.teacher_img_size, mode='bicubic', align_corners=False)
         return x
 
+    def hold_teacher(self, dtype: torch.dtype) -> 'DistillTask':
+        """Hold the frozen teacher weights in ``dtype`` (bf16 autocast): cast once here instead of by autocast in
+        every call. The re-normalisation buffers stay fp32; the teacher tail (TPP) shares these weights."""
+        self.teacher.model.to(dtype=dtype)
+        return self
+
     def prepare_distributed(self, device_ids: Optional[list] = None, **ddp_kwargs) -> 'DistillTask':
         from torch.nn.parallel import DistributedDataParallel as DDP
         self.teacher.requires_grad_(False)

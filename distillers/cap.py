@@ -86,12 +86,15 @@ class CrossAttentionProjector(nn.Module):
         if queries is None:
             if self.query is None:
                 raise ValueError('this CAP has no learned queries; pass the proxy-path queries')
+            # the learned-query path does not depend on the batch: computed once, then broadcast to B
             Hq, Wq = self.query_grid
-            queries = self.query.weight.t().reshape(1, self.out_chs, Hq, Wq).expand(B, -1, -1, -1)
-        q = self.query_proj(queries).flatten(2).transpose(1, 2)  # (B, Nq, Ct)
+            queries = self.query.weight.t().reshape(1, self.out_chs, Hq, Wq)
+            q = self.q(self.query_proj(queries).flatten(2).transpose(1, 2)).expand(B, -1, -1)  # (B, Nq, Ct)
+        else:
+            q = self.q(self.query_proj(queries).flatten(2).transpose(1, 2))  # (B, Nq, Ct)
 
         h = self.num_heads
-        q = self.q(q).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, Nq, d)
+        q = q.unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, Nq, d)
         k = self.k(kv).unflatten(-1, (h, -1)).transpose(1, 2)  # (B, h, Hs*Ws, d)
         v = self.v(kv).unflatten(-1, (h, -1)).transpose(1, 2)
         o = F.scaled_dot_product_attention(q, k, v, scale=self.scale)  # (B, h, Nq, d)

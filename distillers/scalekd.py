@@ -15,6 +15,7 @@ the trained parameters; the teacher stays outside both. The student stays a plai
 checkpoints store it as ``state_dict`` and the projectors as ``task_state``.
 """
 import logging
+from functools import partial
 from typing import Dict, Optional, Sequence, Tuple
 
 import torch
@@ -63,6 +64,17 @@ def _grid(hw) -> str:
     return f'{hw[0]}x{hw[1]}'
 
 
+class _Shared:
+    """Holds an object that copies share instead of duplicating: the EMA's deep copy of the trainable module
+    keeps pointing at the one frozen teacher instead of carrying a second, unused copy of it."""
+
+    def __init__(self, obj):
+        self.obj = obj
+
+    def __deepcopy__(self, memo):
+        return self
+
+
 class ScaleKDModule(nn.Module):
     """Student + projectors: everything with gradients, in one module for DDP/EMA."""
 
@@ -71,7 +83,7 @@ class ScaleKDModule(nn.Module):
         self.student = student
         self.caps = caps
         self.taps = taps
-        self._tail = [tail]  # shares the frozen teacher; not a submodule (stays out of DDP/EMA)
+        self._tail = _Shared(tail)  # the frozen teacher's last stage: not a submodule (stays out of DDP/EMA)
 
     def no_weight_decay(self):
         student = unwrap_model(self.student)
@@ -94,7 +106,7 @@ class ScaleKDModule(nn.Module):
         caps = self.caps
         views = [v for v in VIEWS if f's3_{v}' in caps]
         p3 = [caps[f's3_{v}'].to_map(caps[f's3_{v}'](s3)) for v in views]  # (B, C3t, H3t, W3t) each
-        r3 = dict(zip(views, perceive(self._tail[0], p3)))  # (B, C4t, H4t, W4t) each
+        r3 = dict(zip(views, perceive(self._tail.obj, p3)))  # (B, C4t, H4t, W4t) each
         out = {f'r3_{v}': r3[v] for v in views}
         for v in views:
             cap = caps[f's4_{v}'] if f's4_{v}' in caps else None
@@ -246,17 +258,26 @@ class ScaleKDTask(DistillTask):
         return params + list(trainable.caps.parameters())
 
     def compile(self, backend: str = 'inductor', mode: Optional[str] = None, **compile_kwargs) -> nn.Module:
-        self.eval_model = torch.compile(unwrap_model(self.trainable_module).student, backend=backend, mode=mode,
-                                        **compile_kwargs)
-        self.trainable_module = torch.compile(self.trainable_module, backend=backend, mode=mode, **compile_kwargs)
-        self.teacher.compile(backend=backend, mode=mode, compile_model=True, **compile_kwargs)
+        """Compile what the step runs: the trainable module (student, the projectors and the teacher tail they call;
+        DDP-wrapped first when distributed, so its all-reduce can overlap the compiled backward) and the teacher
+        forward (re-normalisation, features, logits, T4). Compiling ``teacher.model`` would not do: the step calls
+        its ``forward_features`` / ``forward_head``, which an OptimizedModule hands to the uncompiled module."""
+        compile_fn = partial(torch.compile, backend=backend, mode=mode, **compile_kwargs)
+        self.eval_model = compile_fn(unwrap_model(self.trainable_module).student)
+        self.trainable_module = compile_fn(self.trainable_module)
+        self.teacher_forward = compile_fn(self.teacher_forward)
+        self.compiled = True
         return self.eval_model
 
     # --- the step ------------------------------------------------------------------------------
     def teacher_targets(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
         """Teacher logits and final map T4 (NCHW), without gradients."""
         with torch.no_grad(), self.teacher_timer(x):
-            return forward_teacher(self.teacher.model, self.teacher_input(x), self.tail.out_grid)
+            return self.teacher_forward(x)
+
+    def teacher_forward(self, x: torch.Tensor) -> Tuple[torch.Tensor, torch.Tensor]:
+        """The teacher on the student's batch: (logits, T4); ``compile()`` replaces it with its compiled form."""
+        return forward_teacher(self.teacher.model, self.teacher_input(x), self.tail.out_grid)
 
     def feature_losses(self, maps: Dict[str, torch.Tensor], t4: torch.Tensor) -> Dict[str, torch.Tensor]:
         """The unweighted feature terms of the enabled views (``loss_s3``, ``loss_s3_alt``, ``loss_s4``,
@@ -270,6 +291,8 @@ class ScaleKDTask(DistillTask):
         return out
 
     def forward(self, input: torch.Tensor, target: torch.Tensor) -> Dict[str, torch.Tensor]:
+        if getattr(self, 'compiled', False):  # a new step for CUDA graphs (compile modes reduce-overhead, max-autotune)
+            torch.compiler.cudagraph_mark_step_begin()
         teacher_logits, t4 = self.teacher_targets(input)
         logits, maps = self.trainable_module(input)
         out = {'output': logits}

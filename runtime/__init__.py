@@ -11,7 +11,10 @@
 * ``data``: data-folder checks and ``BadImageGuard`` (unreadable images skipped, named and counted).
 * ``preflight``: bad input refused before step 0 (one message, exit 2): ``flag_domains`` (numeric flags),
   ``splits`` (the data splits), output paths, names, model input sizes.
-* ``nonfinite``: ``NonFiniteGuard`` (abort naming the term, or skip the update).
+* ``nonfinite``: ``NonFiniteGuard`` (abort naming the term, or skip the update); ``norm_and_clip``, the one
+  gradient norm of an update (non-finite check, ``--clip-grad``, the log line).
+* ``device``: what the machine can run, checked before step 0: bf16, a working ``torch.compile``; fused
+  optimizer steps on CUDA; the code version.
 * ``metrics``: loss-term sums over ranks, step timing, the console line + TensorBoard, ETA.
 
 Imports run one way: ``errors`` <- ``checkpoint`` <- ``saver``, ``resume`` (<- ``rng``); no file here

@@ -65,6 +65,7 @@ class StepTimer:
         self.total = total_updates
         self.world_size = world_size
         self.run = AverageMeter()  # seconds per update, whole run
+        self.grad_norm = None  # the last update's gradient norm (a device tensor, read only at log time)
         self.start_epoch()
 
     def start_epoch(self) -> None:
@@ -107,6 +108,7 @@ def log_train_step(epoch: int, update_idx: int, updates_per_epoch: int, step: in
     eta_epoch, eta_run = timer.eta(updates_per_epoch - update_idx - 1)
     terms_str = '  '.join(f'{k}: {v:.4f}' for k, v in terms.items())
     data, update, ips = timer.data, timer.update, timer.images_per_s
+    grad_norm = float(timer.grad_norm) if timer.grad_norm is not None else None
     wait = 100 * data.avg / max(update.avg, 1e-9)
     # the rest of an update after data and teacher: student, projectors, losses, backward, step
     step_ms = 1000 * (update.avg - data.avg * accum_steps)
@@ -117,9 +119,12 @@ def log_train_step(epoch: int, update_idx: int, updates_per_epoch: int, step: in
         f'({100. * (update_idx + 1) / updates_per_epoch:>3.0f}%)]  {terms_str}  '
         f'Time: {update.val:.3f}s, {ips.val:>7.2f}/s ({update.avg:.3f}s, '
         f'{ips.avg:>7.2f}/s)  LR: {lr:.3e}  Data: {data.avg:.3f} ({wait:.0f}% wait)  '
-        f'{split}ETA epoch {eta_epoch} run {eta_run}')
+        f'{split}' + (f'Grad norm: {grad_norm:.3g}  ' if grad_norm is not None else '') +
+        f'ETA epoch {eta_epoch} run {eta_run}')
     if writer is None:
         return
+    if grad_norm is not None:
+        writer.add_scalar('train/grad_norm', grad_norm, step)
     for k, v in terms.items():
         writer.add_scalar(f'train/{k}', v, step)
     writer.add_scalar('train/lr', lr, step)

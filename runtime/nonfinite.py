@@ -1,9 +1,11 @@
-"""Non-finite losses and gradients: stop naming the term(s), or skip the update up to a limit."""
+"""Non-finite losses and gradients: stop naming the term(s), or skip the update up to a limit; the update's one
+gradient norm (shared by the non-finite check, gradient clipping and the log line)."""
 import logging
-from typing import Dict
+from typing import Dict, Iterable, Optional
 
 import torch
 import torch.distributed as dist
+from timm.utils import dispatch_clip_grad
 
 from .errors import FatalError
 
@@ -31,16 +33,6 @@ class NonFiniteGuard:
             self.observe(terms, step)
             return False
         return self.check(terms, step)
-
-    @staticmethod
-    def with_gradient(terms: Dict[str, torch.Tensor], params) -> Dict[str, torch.Tensor]:
-        """``terms`` plus a ``gradient`` term, nan when any gradient of ``params`` holds inf/nan (no host sync)."""
-        grads = [p.grad for p in params if p.grad is not None]
-        if not grads:
-            return dict(terms)
-        # per-tensor norms in a few fused kernels; inf/nan in any gradient makes its norm non-finite
-        grad_ok = torch.isfinite(torch.stack(torch._foreach_norm(grads))).all()
-        return dict(terms, gradient=torch.where(grad_ok, 0.0, float('nan')))
 
     def observe(self, terms: Dict[str, torch.Tensor], step: int) -> None:
         """``abort`` policy: note non-finite terms on the device, without a host sync; ``flush`` decides."""
@@ -82,3 +74,26 @@ class NonFiniteGuard:
             raise FatalError(f'more than {self.max_skips} updates had a non-finite {what} (last: {where}); '
                              f'stopping. Raise --nonfinite-max-skips or lower --lr')
         return True
+
+
+def norm_and_clip(params: Iterable, max_norm: Optional[float] = None, mode: str = 'norm',
+                  clip_params: Optional[Iterable] = None) -> Optional[torch.Tensor]:
+    """The update's gradient norm (total L2 over ``params``), then ``--clip-grad`` applied; no host sync.
+
+    Mode 'norm' clips ``params`` with that norm: torch's clip_grad_norm_ is exactly these two calls
+    (get_total_norm, clip_grads_with_norm_), so the update is the same bit for bit, and the norm is
+    computed once instead of once for the non-finite check and once more for the clip. Other modes go to
+    timm's dispatch_clip_grad on ``clip_params``. Returns the norm (inf/nan when any gradient holds
+    inf/nan: the guard's ``gradient`` term), or None when no parameter has a gradient.
+    """
+    params = list(params)
+    grads = [p.grad for p in params if p.grad is not None]
+    if not grads:
+        return None
+    norm = torch.nn.utils.get_total_norm(grads, 2.0)
+    if max_norm is not None:
+        if mode == 'norm':
+            torch.nn.utils.clip_grads_with_norm_(params, max_norm, norm)
+        else:
+            dispatch_clip_grad(params if clip_params is None else list(clip_params), value=max_norm, mode=mode)
+    return norm

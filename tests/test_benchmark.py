@@ -99,12 +99,24 @@ def test_step_breakdown_end_to_end(tmp_path):
     assert rc == 0
     assert time.time() - t0 < 60
     result = json.loads(path.read_text())
-    for key in ('ratio_step_to_sum_of_parts', 'ratio_step_to_student_step', 'speedup_vs_reference'):
+    for key in ('ratio_step_to_sum_of_parts', 'ratio_step_to_student_step', 'speedup_vs_reference',
+                'speedup_vs_reference_same_precision', 'trainer_step_img_per_s',
+                'ratio_trainer_to_full_step_img_per_s'):
         assert math.isfinite(result[key]) and result[key] > 0, key
     parts = result['parts']
-    for name in ('data', 'teacher_fwd', 'student_fb', 'heads_fb', 'optimizer', 'scalekd_step', 'student_step',
-                 'reference_step'):
+    for name in ('data', 'teacher_fwd', 'student_fb', 'heads_fb', 'optimizer', 'task_fwd', 'scalekd_step',
+                 'student_step', 'reference_step', 'trainer_step'):
         assert parts[name]['ms'] > 0, name
+    # the reference runs at the step's precision; the trainer row is train_kd's own loop over the JPEG loader
+    assert result['reference_dtype'] == 'float32' and result['mode'] == 'eager'
+    assert result['speedup_vs_reference_same_precision'] == pytest.approx(parts['reference_step']['ms'] /
+                                                                          parts['scalekd_step']['ms'])
+    # the console figure (StepTimer's mean of per-update img/s) against the fixed-batch full step
+    assert result['ratio_trainer_to_full_step_img_per_s'] == pytest.approx(
+        result['trainer_step_img_per_s'] / parts['scalekd_step']['img_per_s'])
+    assert result['trainer_updates'] >= 3 * result['prefetch_depth']
+    assert result['data_timed_batches'] >= 3 * result['prefetch_depth']
+    assert result['data'].startswith('generated JPEG files')
     # the ratios are the ones the table's times give
     step = parts['scalekd_step']['ms']
     assert result['ratio_step_to_student_step'] == pytest.approx(step / parts['student_step']['ms'])
@@ -124,3 +136,50 @@ def test_step_breakdown_needs_a_teacher(capsys):
     with pytest.raises(SystemExit):
         step_breakdown.parse_args(['--model', 'scalekd_demo_resnet'])
     assert '--teacher' in capsys.readouterr().err
+
+
+def test_step_breakdown_compiled_mode(tmp_path):
+    """--torchcompile: the task's compiled forward is timed (aot_eager here: no C++ build), with the same-precision
+    reference, the trainer row and bf16 autocast with the teacher held in bf16."""
+    path = tmp_path / 'bench.json'
+    rc = step_breakdown.main([
+        '--model', 'scalekd_demo_resnet', '--teacher', 'scalekd_demo_vit', '--img-size', '32', '--num-classes', '10',
+        '-b', '2', '--device', 'cpu', '-j', '0', '--steps', '1', '--warmup', '1', '--threads', '1', '--no-heap-cache',
+        '--torchcompile', 'aot_eager', '--amp', '--jpeg-dir', str(tmp_path / 'jpeg'), '--json', str(path)])
+    assert rc == 0
+    result = json.loads(path.read_text())
+    assert result['mode'] == 'compiled' and result['amp'] == 'bfloat16'
+    assert result['reference_dtype'] == 'bfloat16 autocast'
+    assert {'task_fwd', 'scalekd_step', 'reference_step', 'trainer_step'} <= set(result['parts'])
+    assert not {'student_fb', 'heads_fb', 'student_step'} & set(result['parts'])  # they would run eagerly
+    assert result['speedup_vs_reference_same_precision'] > 0 and result['trainer_step_img_per_s'] > 0
+    assert len(list((tmp_path / 'jpeg' / 'train').rglob('*.jpg'))) >= 2 * result['trainer_updates']
+
+
+@pytest.mark.parametrize('name, peak', [('NVIDIA H200', 989.4), ('NVIDIA H100 80GB HBM3', 989.4),
+                                        ('NVIDIA H100 PCIe', 756.0), ('NVIDIA A100-SXM4-80GB', 312.0),
+                                        ('NVIDIA L40S', 362.1), ('NVIDIA L4', 121.0), ('Tesla V100-SXM2-32GB', None)])
+def test_dense_bf16_peak_by_device_name(name, peak):
+    assert step_breakdown.dense_bf16_peak(name)[1] == peak
+
+
+def test_gpu_check_tiny_mode_on_cpu(tmp_path):
+    """benchmarks/gpu_check.sh in its CPU mode (demo pairs, eager only here): every pair's JSON carries the
+    same-precision speed-up and the trainer-step img/s, and the summary prints one line per pair and mode."""
+    import os
+    import subprocess
+    import sys
+    root = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
+    env = dict(os.environ, TINY='1', MODES='eager', STEPS='1', WARMUP='1', OUT_DIR=str(tmp_path / 'out'),
+               PYTHON=sys.executable, OMP_NUM_THREADS='1', HF_HUB_OFFLINE='1')
+    proc = subprocess.run(['bash', os.path.join(root, 'benchmarks', 'gpu_check.sh')], env=env, capture_output=True,
+                          text=True, timeout=600)
+    assert proc.returncode == 0, proc.stdout[-3000:] + proc.stderr[-3000:]
+    assert 'dense bf16 peak table' in proc.stdout and 'H100 989.4' in proc.stdout
+    for name in ('swinl_r50', 'swinl_vitb'):
+        result = json.loads((tmp_path / 'out' / f'{name}_eager.json').read_text())
+        for key in ('speedup_vs_reference_same_precision', 'trainer_step_img_per_s'):
+            assert math.isfinite(result[key]) and result[key] > 0, (name, key)
+        assert result['amp'] == 'bfloat16' and result['full_step']['img_per_s'] > 0
+        summary = [line for line in proc.stdout.splitlines() if line.startswith(f'{name:<12} eager')]
+        assert len(summary) == 1, proc.stdout[-2000:]

@@ -125,6 +125,15 @@ def test_two_processes_match_one_process_with_twice_the_batch(setup, single_run)
     _assert_same_training(os.path.join(setup[0], 'two'), single_run)
 
 
+def test_two_processes_compiled_after_ddp_match_one_process(setup, single_run):
+    """--torchcompile with DDP: DDP wraps the trainable module first, then the task compiles it (dynamo's DDP
+    graph split) and the teacher forward; the run trains as the eager single process does."""
+    rc, out = _finish(_launch(2, _args(setup, 'two_compiled', B, '--torchcompile', 'aot_eager')))
+    assert rc == 0, out[-3000:]
+    assert 'Training in distributed mode with 2 processes' in out
+    _assert_same_training(os.path.join(setup[0], 'two_compiled'), single_run)
+
+
 def test_two_nodes_on_one_machine_make_one_run(setup, single_run):
     port = _free_port()
     argv = _args(setup, 'nodes', B)
