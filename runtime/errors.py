@@ -1,5 +1,6 @@
 """Errors a run stops on with one message, and the exit codes a requeue script reads."""
 import gc
+import multiprocessing
 
 EXIT_PREEMPTED = 75  # EX_TEMPFAIL: stopped on request, a recovery checkpoint was written; requeue me
 EXIT_FATAL = 2  # bad input or a run that cannot continue; do not requeue
@@ -12,13 +13,15 @@ class FatalError(RuntimeError):
 
 def release_frames(e: BaseException) -> None:
     """Drop the frames an exception holds (and those of its causes), then collect them: a DataLoader iterator
-    still alive in them has its worker processes joined now, so none prints after the error message."""
+    still alive in them has its worker processes joined now, so none prints after the error message. The full
+    collection runs only when worker processes are alive (it takes ~1 s in a large process, e.g. a test session)."""
     seen = set()
     while e is not None and id(e) not in seen:
         seen.add(id(e))
         e.__traceback__ = None
         e = e.__cause__ or e.__context__
-    gc.collect()
+    if multiprocessing.active_children():
+        gc.collect()
 
 
 def log_startup_error(logger, e: Exception) -> None:
