@@ -62,6 +62,7 @@ RESUME_FREE_KEYS = frozenset({
     'teacher_min_top1', 'teacher_check_batches', 'nonfinite', 'nonfinite_max_skips', 'val_interval', 'epochs',
     'data_dir', 'teacher_checkpoint', 'prefetcher', 'distributed', 'world_size', 'rank', 'local_rank',
     'dist_timeout', 'max_bad_images', 'loss_balance_factor', 'scalekd_allow_degenerate', 'no_plot',
+    'torchcompile', 'torchcompile_mode',  # compiled or eager: the same math (checkpoints hold unprefixed keys)
 })
 
 

@@ -311,6 +311,12 @@ def test_compiled_run_trains_validates_and_saves_bare_keys(tmp_path, image_folde
     keys = list(ckpt['state_dict']) + list(ckpt['state_dict_ema']) + list(ckpt['task_state']['caps'])
     assert keys and not [k for k in keys if '_orig_mod' in k or k.startswith('module.')]
     assert 'conv1.weight' in ckpt['state_dict'] and 's3_a.q.weight' in ckpt['task_state']['caps']
+    # compiled or eager is no setting of the run: it resumes eager (e.g. on a machine without a compiler)
+    eager = argv[:argv.index('--torchcompile')] + argv[argv.index('--torchcompile') + 2:]
+    eager[eager.index('--epochs') + 1] = '2'
+    assert train_kd.main(eager + ['--resume', str(tmp_path / 'out' / 'c' / 'last.pth.tar')]) == 0
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        assert torch.load(tmp_path / 'out' / 'c' / 'last.pth.tar', map_location='cpu', weights_only=True)['epoch'] == 1
 
 
 def test_run_started_before_the_fast_path_recipes_resumes_with_the_fp32_flags(tmp_path):
