@@ -16,7 +16,6 @@ Writes ``<out>/report.md`` and ``<out>/compare_distillers.json``; runs and data 
     python experiments/compare_distillers.py --quick --out /tmp/compare_quick   # smoke (tiny, 2 epochs)
 """
 import argparse
-import csv
 import json
 import os
 import shutil
@@ -24,6 +23,8 @@ import statistics
 import subprocess
 import sys
 import time
+
+from small_repro import finished, read_summary, sh  # the sibling script's run helpers
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 CNN = 'scalekd_demo_resnet'
@@ -33,25 +34,6 @@ VIT_FLAGS = ['--img-size', '32', '--crop-pct', '1.0', '--interpolation', 'biline
 # (student, distiller, extra flags); the first of each student is its no-teacher baseline
 PLAN = [(CNN, 'none', []), (CNN, 'kd', []), (CNN, 'dist', []), (CNN, 'feature', []), (CNN, 'scalekd', []),
         (VIT, 'none', VIT_FLAGS), (VIT, 'token', VIT_FLAGS + ['--token-distill-type', 'hard'])]
-
-
-def sh(cmd, log):
-    with open(log, 'w') as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
-    if rc != 0:
-        sys.exit(f'failed (exit {rc}): {" ".join(cmd)}; see {log}')
-
-
-def read_summary(run_dir):
-    with open(os.path.join(run_dir, 'summary.csv')) as f:
-        return [{k: float(v) for k, v in r.items() if v not in ('', None)} for r in csv.DictReader(f)]
-
-
-def finished(run_dir, epochs):
-    if not os.path.isfile(os.path.join(run_dir, 'summary.csv')):
-        return False
-    rows = read_summary(run_dir)
-    return bool(rows) and int(rows[-1]['epoch']) == epochs - 1 and 'eval_top1' in rows[-1]
 
 
 def main(argv=None):

@@ -40,3 +40,14 @@ def one_thread():
 @pytest.fixture
 def image_folder(tmp_path):
     return make_image_folder(tmp_path / 'data')
+
+
+@pytest.fixture(scope='module')
+def teacher_ckpt(tmp_path_factory):
+    """A demo ViT teacher (3 classes, seed 0) saved as a local checkpoint, as --teacher-checkpoint takes it."""
+    import timm
+    import models  # noqa: F401  (registers scalekd_demo_vit)
+    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
+    torch.manual_seed(0)
+    torch.save({'state_dict': timm.create_model('scalekd_demo_vit', num_classes=3).state_dict()}, path)
+    return str(path)

@@ -1,6 +1,5 @@
 """The baseline distillers next to ScaleKD: DIST (its loss against hand-computed values and its invariances),
 timm's pooled-feature and DeiT-token distillation (against timm's own tasks), and train / resume / export runs."""
-import argparse
 import copy
 import csv
 import os
@@ -23,6 +22,7 @@ from distillers import build_task
 from distillers.dist import dist_terms, inter_class_relation, intra_class_relation, pearson_rows
 from distillers.feature import timm_loss_weights
 from distillers.flags import criterion_kwargs, task_kwargs
+from runtime.checkpoint import load_weights_only
 from runtime.errors import FatalError
 
 TOKEN_STUDENT = 'deit_tiny_distilled_patch16_224'
@@ -211,19 +211,6 @@ def test_token_refuses_a_student_without_a_distillation_token():
 
 
 # --- train_kd.py: two steps, checkpoint, resume, export -------------------------------------------------------------
-def _load(path):
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
-
-
-@pytest.fixture(scope='module')
-def teacher_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
-    torch.manual_seed(0)
-    torch.save({'state_dict': timm.create_model('scalekd_demo_vit', num_classes=3).state_dict()}, path)
-    return str(path)
-
-
 def _rows(run):
     with open(run / 'summary.csv') as f:
         return list(csv.DictReader(f))
@@ -252,13 +239,13 @@ def test_distiller_trains_resumes_and_exports(distiller, image_folder, teacher_c
     values = [float(rows[0][f'train_{t}']) for t in terms]
     assert all(v > 0 for v in values), dict(zip(terms, values))
     assert float(rows[0]['train_loss']) == pytest.approx(sum(w * v for w, v in zip(weights, values)), rel=1e-4)
-    ckpt = _load(run / 'last.pth.tar')
+    ckpt = load_weights_only(run / 'last.pth.tar')
     assert ckpt['epoch'] == 0
     assert set(ckpt.get('task_state') or {}) == ({'projection'} if distiller == 'feature' else set())
 
     assert train_kd.main(argv + ['--epochs', '2', '--resume', str(run / 'last.pth.tar')]) == 0
     assert [r['epoch'] for r in _rows(run)] == ['0', '1']
-    ckpt = _load(run / 'last.pth.tar')
+    ckpt = load_weights_only(run / 'last.pth.tar')
     assert ckpt['epoch'] == 1
 
     out = export.export_main(['--checkpoint', str(run / 'last.pth.tar'), '--output',

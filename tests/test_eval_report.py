@@ -8,7 +8,6 @@ import math
 import os
 
 import pytest
-import timm
 import torch
 import torch.nn.functional as F
 from PIL import Image
@@ -27,14 +26,6 @@ PNG_MAGIC = b'\x89PNG\r\n\x1a\n'
 def _rows(run):
     with open(run / 'summary.csv') as f:
         return list(csv.DictReader(f))
-
-
-@pytest.fixture(scope='module')
-def teacher_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
-    torch.manual_seed(0)
-    torch.save({'state_dict': timm.create_model('scalekd_demo_vit', num_classes=3).state_dict()}, path)
-    return str(path)
 
 
 def _argv(data, out, exp, teacher, *extra):

@@ -15,14 +15,6 @@ from distillers.flags import check_distill_args, loss_weights, task_kwargs
 TEACHER = 'scalekd_demo_vit'
 
 
-@pytest.fixture(scope='module')
-def teacher_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
-    torch.manual_seed(0)
-    torch.save({'state_dict': timm.create_model(TEACHER, num_classes=3).state_dict()}, path)
-    return str(path)
-
-
 def _parse(*argv):
     parser = train_kd.build_parser()
     args = parser.parse_args(['--data-dir', 'unused', '--model', 'scalekd_demo_resnet', *argv])

@@ -18,15 +18,6 @@ def _load(path):
         return torch.load(path, map_location='cpu', weights_only=True)
 
 
-@pytest.fixture(scope='module')
-def teacher_ckpt(tmp_path_factory):
-    path = tmp_path_factory.mktemp('teacher') / 'teacher.pth'
-    torch.manual_seed(0)
-    teacher = timm.create_model('scalekd_demo_vit', num_classes=3)
-    torch.save({'state_dict': teacher.state_dict()}, path)
-    return str(path)
-
-
 def _argv(data, out, exp, *extra):
     return ['--data-dir', data, '--model', 'scalekd_demo_resnet', '-b', '6', '--epochs', '1', '-j', '0',
             '--output', str(out), '--experiment', exp, '--lr', '0.01', '--warmup-epochs', '0', '--log-interval', '1',
