@@ -156,7 +156,7 @@ def test_bf16_on_a_gpu_without_bf16_stops_naming_the_flag(monkeypatch):
     check_precision(True, 'bfloat16', torch.device('cpu'))  # CPU autocast runs bf16
 
 
-def test_bf16_run_holds_the_teacher_in_bf16_and_channels_last(tmp_path, image_folder, monkeypatch, one_thread):
+def test_bf16_run_holds_the_teacher_in_bf16_and_channels_last(tmp_path, image_folder, monkeypatch, teacher_ckpt, one_thread):
     seen = []
     forward = ScaleKDTask.forward
 
@@ -168,11 +168,8 @@ def test_bf16_run_holds_the_teacher_in_bf16_and_channels_last(tmp_path, image_fo
         return out
 
     monkeypatch.setattr(ScaleKDTask, 'forward', recording_forward)
-    torch.manual_seed(0)
-    torch.save({'state_dict': timm.create_model('scalekd_demo_vit', num_classes=3).state_dict()},
-               tmp_path / 'teacher.pth')
     argv = ['--data-dir', image_folder, '--model', 'scalekd_demo_resnet', '--distiller', 'scalekd',
-            '--teacher', 'scalekd_demo_vit', '--teacher-checkpoint', str(tmp_path / 'teacher.pth'), '-b', '4',
+            '--teacher', 'scalekd_demo_vit', '--teacher-checkpoint', teacher_ckpt, '-b', '4',
             '--epochs', '1', '-j', '0', '--lr', '0.01', '--output', str(tmp_path / 'out'), '--experiment', 'bf16',
             '--amp', '--amp-dtype', 'bfloat16', '--channels-last', '--clip-grad', '5', '--loss-balance-factor', '0']
     assert train_kd.main(argv) == 0
@@ -294,15 +291,12 @@ def test_ema_copy_shares_the_frozen_teacher():
     assert ema.caps['s3_a'].q.weight is not task.trainable_module.caps['s3_a'].q.weight
 
 
-def test_compiled_run_trains_validates_and_saves_bare_keys(tmp_path, image_folder, one_thread):
+def test_compiled_run_trains_validates_and_saves_bare_keys(tmp_path, image_folder, teacher_ckpt, one_thread):
     """A whole train_kd.py run with --torchcompile (aot_eager: no C++ build) and an EMA: it trains, validates the
     compiled student and its EMA, and writes the student and projectors without compile or DDP prefixes."""
     import argparse
-    torch.manual_seed(0)
-    torch.save({'state_dict': timm.create_model('scalekd_demo_vit', num_classes=3).state_dict()},
-               tmp_path / 'teacher.pth')
     argv = ['--data-dir', image_folder, '--model', 'scalekd_demo_resnet', '--distiller', 'scalekd',
-            '--teacher', 'scalekd_demo_vit', '--teacher-checkpoint', str(tmp_path / 'teacher.pth'), '-b', '4',
+            '--teacher', 'scalekd_demo_vit', '--teacher-checkpoint', teacher_ckpt, '-b', '4',
             '--epochs', '1', '-j', '0', '--lr', '0.01', '--output', str(tmp_path / 'out'), '--experiment', 'c',
             '--torchcompile', 'aot_eager', '--model-ema', '--clip-grad', '5', '--loss-balance-factor', '0']
     assert train_kd.main(argv) == 0
