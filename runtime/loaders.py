@@ -1,0 +1,78 @@
+"""The run's data: timm's datasets (the class count from the class folders), Mixup/CutMix and the training loader,
+from the flags of train_kd.py's ``args``."""
+from timm.data import create_dataset, create_loader, Mixup, FastCollateMixup
+
+from .data import check_data_dir, guard_bad_images
+from .errors import FatalError
+
+
+def create_datasets(args):
+    """Train and eval datasets (eval: None without --val-split); sets args.num_classes from the class folders."""
+    if not args.dataset:
+        check_data_dir(args.data_dir, (args.train_split,))
+    dataset_train = create_dataset(
+        args.dataset, root=args.data_dir, split=args.train_split, is_training=True, class_map=args.class_map,
+        download=args.dataset_download, batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats,
+        input_img_mode=args.input_img_mode, num_samples=args.train_num_samples,
+    )
+    dataset_eval = None
+    if args.val_split:
+        dataset_eval = create_dataset(
+            args.dataset, root=args.data_dir, split=args.val_split, is_training=False, class_map=args.class_map,
+            download=args.dataset_download, batch_size=args.batch_size, input_img_mode=args.input_img_mode,
+            num_samples=args.val_num_samples,
+        )
+    data_classes = num_classes(dataset_train)
+    if args.num_classes is None:
+        args.num_classes = data_classes
+    elif data_classes is not None and data_classes != args.num_classes:
+        raise FatalError(f'--num-classes {args.num_classes} does not match the {data_classes} classes found in '
+                         f'{args.data_dir}/{args.train_split}; drop --num-classes or fix the data folder')
+    if not len(dataset_train):
+        raise FatalError(f'the train split of {args.data_dir} holds no images')
+    # unreadable / corrupt images: skipped, named in the log, counted against --max-bad-images
+    return (guard_bad_images(dataset_train, args.max_bad_images, args.train_split),
+            guard_bad_images(dataset_eval, args.max_bad_images, args.val_split))
+
+
+def num_classes(dataset):
+    """The class count of an ImageFolder-style dataset (None when it has no class folders)."""
+    reader = getattr(dataset, 'reader', None)
+    class_to_idx = getattr(reader, 'class_to_idx', None)
+    return len(class_to_idx) if class_to_idx else None
+
+
+def create_mixup(args):
+    """(collate_fn, mixup_fn): timm's FastCollateMixup with the prefetcher, else Mixup; (None, None) when off."""
+    mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if not mixup_active:
+        return None, None
+    mixup_args = dict(
+        mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
+        prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
+        label_smoothing=args.smoothing, num_classes=args.num_classes)
+    if args.prefetcher:
+        assert not args.aug_splits, 'collate conflict (cannot use aug splits with mixup + prefetcher)'
+        return FastCollateMixup(**mixup_args), None
+    return None, Mixup(**mixup_args)
+
+
+def create_train_loader(dataset, args, data_config, device, collate_fn=None, distributed=False,
+                        persistent_workers=False):
+    """The run's training loader: timm's create_loader with the augmentation flags of ``args``. Workers are not
+    persistent by default, so that every epoch re-seeds them from the epoch's seed (exact resume)."""
+    interpolation = args.train_interpolation
+    if args.no_aug or not interpolation:
+        interpolation = data_config['interpolation']
+    return create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.batch_size, is_training=True,
+        no_aug=args.no_aug, re_prob=args.reprob, re_mode=args.remode, re_count=args.recount,
+        re_split=args.resplit, train_crop_mode=args.train_crop_mode, scale=args.scale, ratio=args.ratio,
+        hflip=args.hflip, vflip=args.vflip, color_jitter=args.color_jitter,
+        color_jitter_prob=args.color_jitter_prob, grayscale_prob=args.grayscale_prob,
+        gaussian_blur_prob=args.gaussian_blur_prob, auto_augment=args.aa, num_aug_repeats=int(args.aug_repeats),
+        num_aug_splits=args.aug_splits, interpolation=interpolation, mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, distributed=distributed, collate_fn=collate_fn,
+        pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
+        worker_seeding=args.worker_seeding, persistent_workers=persistent_workers,
+    )
