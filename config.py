@@ -15,7 +15,8 @@ import yaml
 
 SECTIONS = ('data', 'model', 'teacher', 'distill', 'optim', 'sched', 'aug', 'ema', 'runtime')
 # keys a saved args.yaml carries that are not settings of a run (the teacher's source: distillers/teacher.py)
-IGNORED_KEYS = ('config', 'teacher_source', 'teacher_sha256', 'teacher_bytes')
+IGNORED_KEYS = ('config',) + tuple(f'{r}_{k}' for r in ('teacher', 'model') for k in ('source', 'sha256', 'bytes',
+                                                                                 'weights', 'revision'))
 # what a recipe, a checkpoint's args or an export's metadata may set for validate.py / export.py
 SETTING_KEYS = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'gp', 'bn_eps', 'img_size', 'input_size',
                 'crop_pct', 'mean', 'std', 'interpolation')

@@ -26,14 +26,14 @@ import timm
 from timm import utils
 from timm.data import create_loader, resolve_data_config, AugMixDataset
 from timm.layers import convert_sync_batchnorm, set_fast_norm
-from timm.models import create_model, safe_model_name, is_model, split_model_name_tag
+from timm.models import create_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import resume_task_checkpoint, load_task_ema_checkpoint
 
 import models  # noqa: F401  registers the paper's student variants
 from config import parse_args_with_recipe
-from distillers.teacher import TeacherLoadError, create_teacher, identity_yaml
+from distillers.teacher import TeacherLoadError, check_model_name, check_teacher_head, create_teacher, identity_yaml
 from distillers.balance import reference_term, term_gradient_norms, unbalanced_terms
 from distillers.preflight import check_train_inputs, checked_build_task, settle_models
 from distillers.flags import add_distill_args, check_distill_args, criterion_kwargs, resolve_teacher_img_size, \
@@ -338,8 +338,9 @@ def _parse_args(argv=None):
 
 def _check_args(parser_error, args):
     check_distill_args(parser_error, args)
-    if not is_model(split_model_name_tag(args.model)[0]):
-        parser_error(f"unknown --model '{args.model}'; use a timm model name (timm.list_models() lists them)")
+    problem = check_model_name(args.model, '--model')  # a registry name (tag), hf-hub: or local-dir:, as timm's
+    if problem:
+        parser_error(problem)
     if args.grad_accum_steps < 1:
         parser_error('--grad-accum-steps must be >= 1')
     if not args.data_dir and not args.dataset:
@@ -593,9 +594,10 @@ def _create_task(args, model, data_config, device, in_chans):
     teacher = None
     if args.distiller != 'none':
         resolve_teacher_img_size(args)
-        try:
+        try:  # a head for other classes than the data's stops here, unless no logit is used (then it is kept)
+            head = check_teacher_head(args, args.num_classes)
             teacher = create_teacher(
-                args.teacher, num_classes=args.num_classes, in_chans=in_chans,
+                args.teacher, num_classes=head or args.num_classes, in_chans=in_chans,
                 checkpoint=args.teacher_checkpoint or None, img_size=args.teacher_img_size, **args.teacher_kwargs)
         except TeacherLoadError as e:
             raise FatalError(str(e)) from None
@@ -610,7 +612,7 @@ def _create_task(args, model, data_config, device, in_chans):
             sum(p.numel() for p in model.parameters())
         _logger.info(f'Teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params '
                      f'(frozen, {args.teacher_mode} mode); distillation adds {n_extra / 1e6:.2f} M trained params')
-        _logger.info('Teacher weights: ' + identity_yaml(args).strip().replace('\n', '  '))
+        _logger.info('Weights: ' + identity_yaml(args).strip().replace('\n', '  '))
         for k, w in getattr(task, 'loss_weights', {}).items():
             _logger.info(f'  loss weight {k}: {w:g}')
     if hasattr(task, 'check_geometry'):  # ScaleKD: log the grids, refuse a term that is constant by construction

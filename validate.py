@@ -30,11 +30,12 @@ import torch.nn.functional as F
 
 from timm import utils
 from timm.data import RealLabelsImagenet, create_dataset, create_loader, resolve_data_config
-from timm.models import create_model, get_pretrained_cfg_value, is_model, split_model_name_tag
+from timm.models import create_model, get_pretrained_cfg_value
 
 import models  # noqa: F401  registers the demo / paper student variants
 from config import SETTING_KEYS, RecipeError, coerce_value, read_recipe, run_settings
 from distillers import TeacherLoadError, create_teacher
+from distillers.teacher import check_model_name, teacher_head
 from distillers.base import DistillTask, TeacherOnStudentInput
 from distillers.flags import teacher_size
 from runtime.checkpoint import load_strict, read_checkpoint
@@ -141,8 +142,9 @@ def _build_student(args, settings: Dict[str, Any]) -> Tuple[nn.Module, str, bool
             setattr(args, k, v)
     if not args.model:
         raise FatalError('no model to validate: pass --model NAME (or --config RECIPE, or a training checkpoint)')
-    if not is_model(split_model_name_tag(args.model)[0]):
-        raise FatalError(f"unknown model '{args.model}'; use a timm model name")
+    problem = check_model_name(args.model, '--model')
+    if problem:
+        raise FatalError(problem)
     if args.num_classes is None and state is not None:
         args.num_classes = _infer_num_classes(args.model, state)
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
@@ -164,9 +166,11 @@ def _build_teacher(args, settings: Dict[str, Any], student: Optional[nn.Module] 
         _logger.warning(f"the run was distilled from {run_args['teacher']}, compared here with {args.teacher}")
         run_args = {}
     num_classes = student.num_classes if student is not None else args.num_classes or settings.get('num_classes')
-    if num_classes is None and args.teacher_checkpoint:
-        num_classes = _infer_num_classes(args.teacher, read_checkpoint(args.teacher_checkpoint,
-                                                                       what='--teacher-checkpoint')[0])
+    if num_classes is None:  # the head the teacher's weights come with (a file, a run folder, hub or local-dir:)
+        try:
+            num_classes = teacher_head(args.teacher, args.teacher_checkpoint or None)[0]
+        except TeacherLoadError as e:
+            raise FatalError(str(e)) from None
     num_classes = num_classes or get_pretrained_cfg_value(args.teacher, 'num_classes') or 1000
     kwargs = dict(run_args.get('teacher_kwargs') or {}, **(settings.get('teacher_kwargs') or {}),
                   **(args.teacher_kwargs or {}))
@@ -351,6 +355,9 @@ def _task_models(task, args):
     if task.has_ema() and not args.model_ema_force_cpu:
         models['ema_'] = task.get_eval_model(ema=True)
     teacher = TeacherOnStudentInput(task) if getattr(task, 'teacher', None) is not None else None
+    if teacher is not None and getattr(task.teacher.model, 'num_classes', None) != \
+            getattr(task.get_eval_model(), 'num_classes', None):
+        teacher = None  # a teacher head for other classes (--teacher-features-only): no agreement to report
     return models, teacher
 
 

@@ -36,6 +36,11 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
                             '(drop-path active) (default: eval)')
     group.add_argument('--teacher-kwargs', nargs='*', default={}, action=utils.ParseKwargs,
                        help='extra teacher model kwargs, e.g. drop_path_rate=0.1')
+    group.add_argument('--teacher-features-only', action='store_true', default=False,
+                       help='distil from the teacher\'s features only, never its logits: for a teacher whose head was '
+                            'trained on other classes than the data\'s (--distiller scalekd drops its KD term; '
+                            '--distiller feature uses no logits anyway). Default: a head that does not fit the data '
+                            'stops the run before step 0')
     group.add_argument('--kd-temperature', type=float, default=1.0, metavar='T',
                        help='temperature of the logit terms: kd, dist (its tau) and token soft (default: 1.0)')
     group.add_argument('--kd-weight', type=float, default=0.5, metavar='W',
@@ -89,6 +94,8 @@ def task_kwargs(args: argparse.Namespace, img_size: Tuple[int, int]) -> Dict[str
               teacher_img_size=(args.teacher_img_size,) * 2 if args.teacher_img_size else None)
     if args.distiller in ('kd', 'scalekd'):
         task_w, distill_w = loss_weights(args)
+        if args.teacher_features_only:  # no logit term: the student loss at 1.0 unless --task-loss-weight says
+            task_w, distill_w = (1.0 if args.task_loss_weight is None else args.task_loss_weight), 0.0
         kw.update(kd_weight=distill_w, task_weight=task_w, kd_temperature=args.kd_temperature)
     if args.distiller == 'dist':
         kw.update(dist_alpha=args.dist_alpha, dist_beta=args.dist_beta, dist_gamma=args.dist_gamma,
@@ -103,7 +110,7 @@ def task_kwargs(args: argparse.Namespace, img_size: Tuple[int, int]) -> Dict[str
                   alpha_s3=args.scalekd_alpha_s3, alpha_s4=args.scalekd_alpha_s4, heads_s3=args.scalekd_heads_s3,
                   heads_s4=args.scalekd_heads_s4, softmax_scale=args.scalekd_softmax_scale,
                   cap_norm=args.scalekd_cap_norm, tail_blocks=args.scalekd_tail_blocks,
-                  dfm_norm=args.scalekd_dfm_norm)
+                  dfm_norm=args.scalekd_dfm_norm, use_teacher_logits=not args.teacher_features_only)
     return kw
 
 
@@ -125,8 +132,13 @@ def check_distill_args(parser_error, args: argparse.Namespace) -> None:
     if args.distiller == 'none' and (args.teacher or args.teacher_checkpoint):
         parser_error(f'--teacher is set but --distiller is none; pass one of --distiller '
                      f'{", ".join(d for d in DISTILLERS if d != "none")}')
-    if args.teacher_checkpoint and not os.path.isfile(args.teacher_checkpoint):
+    if args.teacher_checkpoint and not os.path.exists(args.teacher_checkpoint):  # a file or a run folder
         parser_error(f"--teacher-checkpoint '{args.teacher_checkpoint}' does not exist")
+    if args.teacher_features_only and args.distiller not in ('scalekd', 'feature'):
+        parser_error(f'--teacher-features-only leaves --distiller {args.distiller} nothing to learn from (it uses only '
+                     f'the teacher\'s logits); use --distiller scalekd or feature')
+    if args.teacher_features_only and args.distill_loss_weight is not None:
+        parser_error('--teacher-features-only drops the logit term that --distill-loss-weight weighs; pass only one')
     if args.distiller == 'dist' and args.batch_size < 2:
         parser_error(f'--distiller dist needs -b 2 or more: its intra-class term correlates each class\'s '
                      f'probabilities across the images of one process\'s batch (got -b {args.batch_size})')

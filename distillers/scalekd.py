@@ -131,6 +131,8 @@ class ScaleKDTask(DistillTask):
         dfm_norm: 'safe' (default: no 0/0 at rounding-level positions of the alternative view) or
             'official' (F.normalize, as the official code; see distillers/dfm.py).
         kd_weight, kd_temperature: logit KD; the student loss is weighted task_weight (default 1 - kd_weight).
+        use_teacher_logits: False drops the logit-KD term (``--teacher-features-only``: a teacher whose head was
+            trained on other classes); the feature terms stay.
         **kwargs: DistillTask arguments (criterion, mean/std, teacher_mode, teacher_img_size, ...).
     """
 
@@ -152,6 +154,7 @@ class ScaleKDTask(DistillTask):
             kd_weight: float = 0.5,
             kd_temperature: float = 1.0,
             task_weight: Optional[float] = None,
+            use_teacher_logits: bool = True,
             **kwargs,
     ):
         super().__init__(student, teacher, **kwargs)
@@ -197,6 +200,8 @@ class ScaleKDTask(DistillTask):
         caps.to(student_device)
         self.trainable_module = ScaleKDModule(student, caps, taps, self.tail)
         self.loss_weights = {'loss_cls': 1.0 - kd_weight if task_weight is None else task_weight, 'loss_kd': kd_weight}
+        if not use_teacher_logits:
+            del self.loss_weights['loss_kd']
         for stage in ('s3', 's4'):
             for i, suffix in enumerate(('', '_alt')):
                 if self.alpha[stage][i]:
@@ -297,7 +302,8 @@ class ScaleKDTask(DistillTask):
         logits, maps = self.trainable_module(input)
         out = {'output': logits}
         out['loss_cls'] = self.criterion(logits, target)
-        out['loss_kd'] = kd_loss(logits, teacher_logits, self.kd_temperature)
+        if 'loss_kd' in self.loss_weights:
+            out['loss_kd'] = kd_loss(logits, teacher_logits, self.kd_temperature)
         out.update(self.feature_losses(maps, t4))
         out['loss'] = sum(w * out[k] for k, w in self.loss_weights.items())
         return out
