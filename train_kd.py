@@ -14,6 +14,7 @@ import json
 import logging
 import os
 import sys
+import time
 from collections import OrderedDict
 from contextlib import suppress
 from datetime import datetime
@@ -63,7 +64,7 @@ RESUME_FREE_KEYS = frozenset({
     'teacher_min_top1', 'teacher_check_batches', 'nonfinite', 'nonfinite_max_skips', 'val_interval', 'epochs',
     'data_dir', 'teacher_checkpoint', 'prefetcher', 'distributed', 'world_size', 'rank', 'local_rank',
     'dist_timeout', 'max_bad_images', 'loss_balance_factor', 'scalekd_allow_degenerate', 'no_plot',
-    'torchcompile', 'torchcompile_mode',  # compiled or eager: the same math (checkpoints hold unprefixed keys)
+    'dry_run', 'torchcompile', 'torchcompile_mode',  # compiled or eager: the same math (checkpoints hold unprefixed keys)
 })
 
 
@@ -326,6 +327,10 @@ def build_parser():
                             'is below PCT (default: off)')
     group.add_argument('--teacher-check-batches', type=int, default=None, metavar='N',
                        help='with --teacher-min-top1, evaluate on the first N validation batches only')
+    group.add_argument('--dry-run', action='store_true', default=False,
+                       help='run every check before step 0, log the geometry, loss balance and trained parameters, time '
+                            'two forward + backward + update steps at the chosen batch (peak memory on CUDA), then exit '
+                            '0 having written nothing: will this pair and batch fit?')
     group.add_argument('--max-bad-images', type=int, default=100, metavar='N',
                        help='unreadable or corrupt images are skipped and named in the log; stop when a process '
                             'has skipped more than N of them (default: 100)')
@@ -432,7 +437,7 @@ def train(args, args_text):
     check_same_resume(resume_path, args.distributed)
     start_epoch, resume_batch, extras = _resume(args, task, optimizer, loss_scaler, resume_path, config)
     position = EpochPosition(resume_batch, extras if resume_batch else None)  # where the first epoch goes on
-    if utils.is_primary(args) and resume_path:  # rows a stopped run wrote for the epochs trained again
+    if utils.is_primary(args) and resume_path and not args.dry_run:  # rows a stopped run wrote for epochs trained again
         truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
 
     # setup exponential moving average of the trainable module (student + projectors)
@@ -466,6 +471,9 @@ def train(args, args_text):
             num_workers=args.workers, distributed=args.distributed, crop_pct=data_config['crop_pct'],
             pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
         )
+
+    if args.dry_run:  # checks passed, models and loaders built: time a step and stop, nothing written
+        return dry_run(args, task, optimizer, loader_train, mixup_fn, amp_autocast, device)
 
     # setup checkpoint saver, output dir, args.yaml and TensorBoard (rank 0 only)
     eval_metric = args.eval_metric if loader_eval is not None else 'loss'
@@ -805,13 +813,58 @@ def _log_loss_balance(args, task, input, target, amp_autocast, output_dir):
     _logger.info('Loss balance (gradient norm of each weighted term into the student, first batch): ' + '  '.join(
         f'{k} {v:.3g}' + (f' ({v / norms[ref]:.2g}x)' if k != ref and norms[ref] > 0 else '') for k, v in norms.items()))
     bad = unbalanced_terms(norms, args.loss_balance_factor)
-    with open(os.path.join(output_dir, 'loss_balance.json'), 'w') as f:
-        json.dump({'gradient_norms': norms, 'reference': ref, 'factor': args.loss_balance_factor,
-                   'over_factor': bad}, f, indent=1)
+    if output_dir:  # None in a dry run
+        with open(os.path.join(output_dir, 'loss_balance.json'), 'w') as f:
+            json.dump({'gradient_norms': norms, 'reference': ref, 'factor': args.loss_balance_factor,
+                       'over_factor': bad}, f, indent=1)
     for k, ratio in bad.items():
         _logger.warning(f'{k} sends {ratio:.3g}x the gradient of {ref} into the student (limit '
                         f'--loss-balance-factor {args.loss_balance_factor:g}): it will dominate training. Lower its '
                         f'weight, or check the inputs and the teacher')
+
+
+def dry_run(args, task, optimizer, loader, mixup_fn, amp_autocast, device, steps=2):
+    """``--dry-run``: trained / frozen parameter counts, the loss balance of the first batch, and the time (and peak
+    CUDA memory) of ``steps`` full steps (forward, backward, optimizer update) at the run's batch size; writes nothing."""
+    primary = utils.is_primary(args)
+    n_student = sum(p.numel() for p in task.get_eval_model().parameters())
+    n_trained = sum(p.numel() for p in task.get_trainable_module().parameters() if p.requires_grad)
+    n_teacher = sum(p.numel() for p in task.teacher.parameters()) if getattr(task, 'teacher', None) is not None else 0
+    input, target = next(iter(loader))
+    if not args.prefetcher:
+        input, target = input.to(device), target.to(device)
+        if mixup_fn is not None:
+            input, target = mixup_fn(input, target)
+    if args.channels_last:
+        input = input.contiguous(memory_format=torch.channels_last)
+    if args.loss_balance_factor > 0:
+        _log_loss_balance(args, task, input, target, amp_autocast, None)
+    task.train()
+    if device.type == 'cuda':
+        torch.cuda.reset_peak_memory_stats(device)
+    times = []
+    for _ in range(steps):
+        start = time.perf_counter()
+        with amp_autocast():
+            out = task(input, target)
+        out['loss'].backward()
+        optimizer.step()
+        optimizer.zero_grad()
+        if device.type == 'cuda':
+            torch.cuda.synchronize(device)
+        times.append(time.perf_counter() - start)
+    if primary:
+        mem = f', peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB' \
+            if device.type == 'cuda' else ''
+        terms = '  '.join(f'{k} {v.item():.4g}' for k, v in out.items() if k.startswith('loss'))
+        _logger.info(f'Dry run: student {n_student / 1e6:.2f} M params, {n_trained / 1e6:.2f} M trained (with the '
+                     f'distiller\'s modules), teacher {n_teacher / 1e6:.2f} M frozen')
+        _logger.info(f'Dry run: batch {input.shape[0]} x {tuple(input.shape[1:])} per process; step times '
+                     f'{", ".join(f"{t:.3f}" for t in times)} s (the first includes warm-up{" and compilation" if args.torchcompile else ""}); '
+                     f'{input.shape[0] * args.world_size / times[-1]:.1f} img/s{mem}; {len(loader)} steps per epoch')
+        _logger.info(f'Dry run: losses at the last step: {terms}')
+        _logger.info('Dry run finished: every check passed; nothing was written.')
+    return 0
 
 
 if __name__ == '__main__':

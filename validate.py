@@ -355,8 +355,8 @@ def _task_models(task, args):
     if task.has_ema() and not args.model_ema_force_cpu:
         models['ema_'] = task.get_eval_model(ema=True)
     teacher = TeacherOnStudentInput(task) if getattr(task, 'teacher', None) is not None else None
-    if teacher is not None and getattr(task.teacher.model, 'num_classes', None) != \
-            getattr(task.get_eval_model(), 'num_classes', None):
+    if teacher is not None and getattr(utils.unwrap_model(task.teacher.model), 'num_classes', None) != \
+            getattr(utils.unwrap_model(task.get_eval_model()), 'num_classes', None):
         teacher = None  # a teacher head for other classes (--teacher-features-only): no agreement to report
     return models, teacher
 

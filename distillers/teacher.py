@@ -169,8 +169,9 @@ def create_teacher(
                                f"weights), or pass --teacher-checkpoint PATH with local weights") from None
     if checkpoint:
         key = load_teacher_weights(model, checkpoint, name)
-        what = {'state_dict_ema': 'EMA weights', 'model_ema': 'EMA weights', 'state_dict': 'student weights'}
-        _logger.info(f"Teacher '{name}' loaded from '{run_checkpoint(checkpoint)[0]}' ({what.get(key, key)})")
+        what = 'EMA weights' if key in ('state_dict_ema', 'model_ema') else \
+            'student weights: the run kept no EMA' if os.path.isdir(checkpoint) else f"its '{key}' entry"
+        _logger.info(f"Teacher '{name}' loaded from '{run_checkpoint(checkpoint)[0]}' ({what})")
     else:
         _logger.info(f"Teacher '{name}' created with its pretrained weights ({model.num_classes} classes)")
     model.requires_grad_(False)
