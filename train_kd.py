@@ -45,7 +45,7 @@ from runtime.data import check_bad_images
 from runtime.device import check_compile, check_precision, fused_optimizer_kwargs
 from runtime.distributed import collective_failure_message, collective_timeout
 from runtime.loaders import create_datasets, create_mixup, create_train_loader, num_classes  # noqa: F401
-from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error
+from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error, short
 from runtime.metrics import StepTimer, TermSums, log_train_step, tensorboard_writer
 from runtime.nonfinite import NonFiniteGuard, norm_and_clip
 from runtime.plot import write_curves
@@ -390,18 +390,7 @@ def train(args, args_text):
 
     # create the student
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    model = create_model(
-        args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
-        drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
-        bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, checkpoint_path=args.initial_checkpoint or None,
-        **({'pretrained_cfg_overlay': dict(file=args.pretrained_path)} if args.pretrained_path else {}),
-        **args.model_kwargs,
-    )
-    if args.grad_checkpointing:
-        model.set_grad_checkpointing(enable=True)
-    if utils.is_primary(args):
-        _logger.info(f'Student {safe_model_name(args.model)} created, param count: '
-                     f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M')
+    model = _create_student(args, in_chans)
 
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     img_size = tuple(data_config['input_size'][-2:])
@@ -595,6 +584,30 @@ def _setup_device(args):
     check_precision(args.amp, args.amp_dtype, device)  # bf16 on a GPU without it, a compiler that does not work:
     check_compile(args.torchcompile, args.torchcompile_mode, device)  # stop here, not inside the first step
     return device
+
+
+def _create_student(args, in_chans):
+    """The student (timm's create_model with the run's flags); a hub that cannot be reached stops with a message."""
+    try:
+        model = create_model(
+            args.model, pretrained=args.pretrained, in_chans=in_chans, num_classes=args.num_classes,
+            drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
+            bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, checkpoint_path=args.initial_checkpoint or None,
+            **({'pretrained_cfg_overlay': dict(file=args.pretrained_path)} if args.pretrained_path else {}),
+            **args.model_kwargs,
+        )
+    except (OSError, ValueError) as e:  # hub offline / not found, a local-dir: folder without weights
+        raise FatalError(f"--model '{args.model}' cannot be created ({short(e)}); check the name, the network (hub "
+                         f"weights) or the folder") from None
+    if args.grad_checkpointing:
+        model.set_grad_checkpointing(enable=True)
+    if utils.is_primary(args):
+        head = model.pretrained_cfg.get('num_classes') if args.pretrained else None
+        note = f' (its pretrained head had {head} classes: re-initialised for {model.num_classes})' \
+            if head and head != model.num_classes else ''
+        _logger.info(f'Student {safe_model_name(args.model)} created, param count: '
+                     f'{sum(p.numel() for p in model.parameters()) / 1e6:.2f} M{note}')
+    return model
 
 
 def _create_task(args, model, data_config, device, in_chans):

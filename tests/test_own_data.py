@@ -98,10 +98,12 @@ def test_own_data_refuse_finetune_distil(own_data, tmp_path, one_thread, caplog)
     assert _tree(out) == {}
 
     # 2. fine-tune the teacher on the data (the README's command): its head now has 4 classes
+    caplog.set_level(logging.INFO)
     assert train_kd.main(_argv(data, out, 'teacher-ft', '--model', teacher, '--pretrained', '--distiller', 'none',
                                '--epochs', '6', '--model-ema', '--model-ema-decay', '0.5', '--opt', 'adamw',
                                '--lr', '1e-3', '--weight-decay', '0.01')) == 0
     ft = out / 'teacher-ft'
+    assert 'its pretrained head had 10 classes: re-initialised for 4' in ' '.join(r.getMessage() for r in caplog.records)
     ckpt = _load(ft / 'model_best.pth.tar')
     assert ckpt['state_dict']['head.weight'].shape == (4, 96)
     assert ckpt['state_dict_ema']['head.weight'].shape == (4, 96)
