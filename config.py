@@ -22,6 +22,10 @@ SETTING_KEYS = ('model', 'model_kwargs', 'num_classes', 'in_chans', 'gp', 'bn_ep
                 'crop_pct', 'mean', 'std', 'interpolation')
 
 
+# keys whose YAML list means a comma list: several students trained together from one teacher pass (joint.py)
+LIST_KEYS = ('model', 'distiller')
+
+
 class RecipeError(ValueError):
     """A recipe file that cannot be used as it is; the message says what to change."""
 
@@ -149,8 +153,12 @@ def load_recipe(path: str, parser: argparse.ArgumentParser) -> Dict[str, Any]:
             close = difflib.get_close_matches(key, list(actions), n=1, cutoff=0.6)
             hint = f"; did you mean '{close[0]}'?" if close else '; see --help for the valid keys'
             raise RecipeError(f"recipe '{path}': unknown key '{key}' in {where}{hint}")
+        if key in LIST_KEYS and isinstance(value, list) and all(isinstance(v, str) for v in value):
+            value = ','.join(value)  # model: [a, b] trains both students (train_kd.py --model a,b)
         try:
             out[key] = coerce_value(value, action)
+        except argparse.ArgumentTypeError as e:  # a type that checks its value (--distiller names)
+            raise RecipeError(f"recipe '{path}': key '{key}' in {where}: {e}") from None
         except (TypeError, ValueError) as e:
             detail = str(e) if isinstance(e, ValueError) and 'not one of' in str(e) else \
                 f'expects {_type_name(action)}, got {value!r} ({type(value).__name__})'

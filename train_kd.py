@@ -38,7 +38,7 @@ from distillers.teacher import TeacherLoadError, check_model_name, check_teacher
 from distillers.balance import reference_term, term_gradient_norms, unbalanced_terms
 from distillers.preflight import check_train_inputs, checked_build_task, settle_models
 from distillers.flags import add_distill_args, check_distill_args, criterion_kwargs, resolve_teacher_img_size, \
-    task_kwargs
+    student_list, task_kwargs
 from runtime.checkpoint import check_output_dir
 from runtime.code_version import code_version
 from runtime.data import check_bad_images
@@ -341,7 +341,7 @@ def _parse_args(argv=None):
     return parse_args_with_recipe(build_parser(), argv)
 
 
-def _check_args(parser_error, args):
+def check_args(parser_error, args):
     check_distill_args(parser_error, args)
     problem = check_model_name(args.model, '--model')  # a registry name (tag), hf-hub: or local-dir:, as timm's
     if problem:
@@ -356,7 +356,10 @@ def main(argv=None):
     if not logging.getLogger().handlers:  # in-process callers (tests) would stack one handler per call
         utils.setup_default_logging()
     args, args_text = _parse_args(argv)
-    _check_args(build_parser().error, args)
+    if len(student_list(args, build_parser().error)) > 1:  # --model A,B,C: one teacher pass, several students
+        from joint import main_joint
+        return main_joint(args, args_text)
+    check_args(build_parser().error, args)
     try:
         check_train_inputs(args)  # flags, data splits, run folder: before anything is created or written
         return train(args, args_text)
@@ -372,7 +375,7 @@ def main(argv=None):
 
 
 def train(args, args_text):
-    device = _setup_device(args)
+    device = setup_device(args)
 
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
     use_amp = args.amp
@@ -390,13 +393,13 @@ def train(args, args_text):
 
     # create the student
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    model = _create_student(args, in_chans)
+    model = create_student(args, in_chans)
 
     data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
     img_size = tuple(data_config['input_size'][-2:])
 
     # create the teacher (frozen, eval) and the distillation task
-    task = _create_task(args, model, data_config, device, in_chans)
+    task = create_task(args, model, data_config, device, in_chans)
 
     # move to device, channels_last, sync-bn (student only)
     task.to(device=device)
@@ -414,7 +417,7 @@ def train(args, args_text):
 
     # setup learning rate from lr_base and the global batch
     if args.lr is None:
-        _resolve_lr(args)
+        resolve_lr(args)
 
     optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs,
                                     **fused_optimizer_kwargs(args.opt, device, args.opt_kwargs))
@@ -424,7 +427,7 @@ def train(args, args_text):
     config = run_config(args, RESUME_FREE_KEYS)
     resume_path = find_resume(args.resume, output_dir) if args.resume else ''
     check_same_resume(resume_path, args.distributed)
-    start_epoch, resume_batch, extras = _resume(args, task, optimizer, loss_scaler, resume_path, config)
+    start_epoch, resume_batch, extras = resume_checkpoint(args, task, optimizer, loss_scaler, resume_path, config)
     position = EpochPosition(resume_batch, extras if resume_batch else None)  # where the first epoch goes on
     if utils.is_primary(args) and resume_path and not args.dry_run:  # rows a stopped run wrote for epochs trained again
         truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
@@ -536,7 +539,7 @@ def train(args, args_text):
                 eval_metrics = validate_task(task, loader_eval, args, device, amp_autocast, logger=_logger)
 
             if utils.is_primary(args):
-                _write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir,
+                write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir,
                                has_eval=loader_eval is not None)
                 metric = eval_metrics[eval_metric] if eval_metrics else None
                 best_metric, best_epoch = saver.save_checkpoint(
@@ -558,7 +561,7 @@ def train(args, args_text):
     return exit_code
 
 
-def _setup_device(args):
+def setup_device(args):
     """Device, distributed process group (with a collective timeout), TF32; logs the code and library versions."""
     if args.device.startswith('cuda') and torch.cuda.is_available():
         torch.backends.cuda.matmul.allow_tf32 = True
@@ -586,7 +589,7 @@ def _setup_device(args):
     return device
 
 
-def _create_student(args, in_chans):
+def create_student(args, in_chans):
     """The student (timm's create_model with the run's flags); a hub that cannot be reached stops with a message."""
     try:
         model = create_model(
@@ -610,10 +613,11 @@ def _create_student(args, in_chans):
     return model
 
 
-def _create_task(args, model, data_config, device, in_chans):
-    """The frozen teacher (for a distiller) and the training task around ``model``."""
-    teacher = None
-    if args.distiller != 'none':
+def create_task(args, model, data_config, device, in_chans, teacher=None):
+    """The frozen teacher (for a distiller; ``teacher``: one already built) and the training task around ``model``."""
+    if args.distiller == 'none':
+        teacher = None
+    elif teacher is None:
         resolve_teacher_img_size(args)
         try:  # a head for other classes than the data's stops here, unless no logit is used (then it is kept)
             head = check_teacher_head(args, args.num_classes)
@@ -641,7 +645,7 @@ def _create_task(args, model, data_config, device, in_chans):
     return task
 
 
-def _resolve_lr(args):
+def resolve_lr(args):
     """args.lr from --lr-base scaled by the global batch (timm's rule: linear, sqrt for adaptive optimizers)."""
     global_batch_size = args.batch_size * args.world_size * args.grad_accum_steps
     batch_ratio = global_batch_size / args.lr_base_size
@@ -656,7 +660,7 @@ def _resolve_lr(args):
                      f'and effective global batch size ({global_batch_size}) with {args.lr_base_scale} scaling.')
 
 
-def _resume(args, task, optimizer, loss_scaler, resume_path, config):
+def resume_checkpoint(args, task, optimizer, loss_scaler, resume_path, config):
     """Load ``resume_path`` (if any) into the task, optimizer and scaler.
 
     Returns (first epoch, first batch in it, the checkpoint's exact-resume state or None): --start-epoch,
@@ -685,7 +689,7 @@ def _resume(args, task, optimizer, loss_scaler, resume_path, config):
     return start_epoch, 0, extras
 
 
-def _write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir, has_eval):
+def write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir, has_eval):
     """One summary.csv row (an epoch without validation keeps the eval columns, empty), the eval scalars, curves.png."""
     lrs = [pg['lr'] for pg in optimizer.param_groups]
     row_eval = eval_metrics
@@ -742,7 +746,7 @@ def train_one_epoch(
             input = input.contiguous(memory_format=torch.channels_last)
         timer.data_ready()
         if measure_balance and batch_idx == 0:
-            _log_loss_balance(args, task, input, target, amp_autocast, output_dir)
+            log_loss_balance(args, task, input, target, amp_autocast, output_dir)
 
         def _backward(_loss, _terms):
             clip_params = partial(task.get_clip_parameters, exclude_head='agc' in args.clip_mode)
@@ -816,7 +820,7 @@ def train_one_epoch(
                        nonfinite_skipped=guard.skipped)
 
 
-def _log_loss_balance(args, task, input, target, amp_autocast, output_dir):
+def log_loss_balance(args, task, input, target, amp_autocast, output_dir):
     """Gradient norm each weighted term sends into the student on the first batch; warn on a runaway term."""
     with (task.no_sync() if args.distributed else suppress()):
         norms = term_gradient_norms(task, input, target, task.get_eval_model().parameters(), amp_autocast)
@@ -851,7 +855,7 @@ def dry_run(args, task, optimizer, loader, mixup_fn, amp_autocast, device, steps
     if args.channels_last:
         input = input.contiguous(memory_format=torch.channels_last)
     if args.loss_balance_factor > 0:
-        _log_loss_balance(args, task, input, target, amp_autocast, None)
+        log_loss_balance(args, task, input, target, amp_autocast, None)
     task.train()
     if device.type == 'cuda':
         torch.cuda.reset_peak_memory_stats(device)

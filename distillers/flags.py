@@ -7,7 +7,7 @@ these functions. ``criterion_kwargs`` maps timm's loss flags to the student's ow
 """
 import argparse
 import os
-from typing import Any, Dict, Tuple
+from typing import Any, Dict, List, Tuple
 
 from timm import utils
 
@@ -22,8 +22,9 @@ from . import DISTILLERS
 def add_distill_args(parser: argparse.ArgumentParser) -> None:
     """The "Distillation parameters" group of train_kd.py (dest names are the recipe keys)."""
     group = parser.add_argument_group('Distillation parameters')
-    group.add_argument('--distiller', default='none', type=str, choices=sorted(DISTILLERS),
-                       help='distillation method (default: none)')
+    group.add_argument('--distiller', default='none', type=distiller_names, metavar='{' + ','.join(sorted(DISTILLERS)) + '}',
+                       help='distillation method; with --model A,B,C one for every student or a comma list of the same '
+                            'length (default: none)')
     group.add_argument('--teacher', default='', type=str, metavar='NAME',
                        help='teacher timm model name; with a pretrained tag and no --teacher-checkpoint its hub '
                             'weights are loaded, e.g. swin_large_patch4_window7_224.ms_in22k_ft_in1k')
@@ -84,6 +85,26 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
                        help='before the first update, log the gradient norm each loss term sends into the student '
                             'and warn when one exceeds F x the student loss\'s (0: skip the measurement) '
                             f'(default: {DEFAULT_FACTOR:g})')
+
+
+def distiller_names(text: str) -> str:
+    """``--distiller``: a name of DISTILLERS, or a comma list of them (one per student of ``--model A,B,C``)."""
+    bad = [d for d in text.split(',') if d not in DISTILLERS]
+    if bad:
+        raise argparse.ArgumentTypeError(f"invalid choice: {bad[0]!r} (choose from {', '.join(sorted(DISTILLERS))})")
+    return text
+
+
+def student_list(args: argparse.Namespace, parser_error) -> List[Tuple[str, str]]:
+    """[(model, distiller)] of ``--model A,B,C`` and ``--distiller`` (one name for all, or one per student)."""
+    names = [m.strip() for m in str(args.model).split(',')]
+    distillers = str(args.distiller).split(',')
+    if len(distillers) == 1:
+        distillers = distillers * len(names)
+    if len(distillers) != len(names) or not all(names):
+        parser_error(f'--distiller {args.distiller} names {len(distillers)} distillers for {len(names)} students '
+                     f'(--model {args.model}); give one for all or one per student')
+    return list(zip(names, distillers))
 
 
 def task_kwargs(args: argparse.Namespace, img_size: Tuple[int, int]) -> Dict[str, Any]:

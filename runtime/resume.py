@@ -17,7 +17,7 @@ from .rng import capture_rng_state, gather_rng_states, get_rng_state, rng_from_t
 _logger = logging.getLogger('train')
 
 
-def _checkpoint_position(path: str):
+def checkpoint_position(path: str):
     """(epoch, batch) a checkpoint file reaches, read from its metadata; None if it does not load.
 
     Epoch-end checkpoints sort after every recovery file of their epoch (batch = inf).
@@ -57,7 +57,7 @@ def find_resume(resume: str, output_dir: str) -> str:
              if not os.path.basename(f).startswith(('tmp', 'recovery_tmp'))]
     candidates = []
     for f in files:
-        pos = _checkpoint_position(f)
+        pos = checkpoint_position(f)
         if pos is None:
             _logger.warning(f"--resume auto: ignoring '{f}' (incomplete or unreadable)")
             continue
