@@ -156,7 +156,8 @@ def export_main(argv=None) -> dict:
     ckpt = load_weights_only(args.checkpoint)
     if args.from_official:
         state, settings, model = _official_student(ckpt, args)
-        use_ema, what, run_args = False, 'student of the official ScaleKD checkpoint', {'distiller': 'scalekd'}
+        use_ema, what = False, 'student of the official ScaleKD checkpoint'
+        run_args = {'distiller': 'scalekd (official code)'}
     else:
         if not (isinstance(ckpt, dict) and isinstance(ckpt.get('args'), argparse.Namespace)
                 and isinstance(ckpt.get('state_dict'), dict) and getattr(ckpt['args'], 'model', '')):
@@ -180,16 +181,17 @@ def export_main(argv=None) -> dict:
                 STRICT_HINT)
     output = args.output or ('' if args.hub_dir or args.push_to_hub else os.path.join(
         os.path.dirname(args.checkpoint), f"{name}{'-ema' if use_ema else ''}.safetensors"))
-    if output and not output.endswith(('.safetensors', '.pth', '.pt', '.bin')):
-        raise FatalError(f"--output '{output}' must end in .safetensors or .pth")
-    if output and os.path.abspath(output) == os.path.abspath(args.checkpoint):
-        raise FatalError('--output must not overwrite the --checkpoint')
     if output:
+        if not output.endswith(('.safetensors', '.pth', '.pt', '.bin')):
+            raise FatalError(f"--output '{output}' must end in .safetensors or .pth")
+        if os.path.abspath(output) == os.path.abspath(args.checkpoint):
+            raise FatalError('--output must not overwrite the --checkpoint')
         check_output_file(output, '--output')  # its folder exists and is writable
     if args.hub_dir:
         hub.check_hub_dir(args.hub_dir)  # new or empty, never overwritten
         if output and os.path.abspath(output).startswith(os.path.abspath(args.hub_dir) + os.sep):
-            raise FatalError(f"--output '{output}' is inside --hub-dir, which holds timm's files only; put it elsewhere")
+            raise FatalError(f"--output '{output}' is inside --hub-dir, which holds timm's files only; "
+                             f"put it elsewhere")
     if args.push_to_hub:
         hub.check_push(args.push_to_hub)
     _logger.info(f"Exporting the {what}")
@@ -217,7 +219,7 @@ def export_main(argv=None) -> dict:
     if args.hub_dir or args.push_to_hub:  # timm's hub layout, preprocessing as the run resolved it
         data_config = resolve_data_config({k: settings.get(k) for k in DATA_KEYS}, model=model)
         identity = {} if args.from_official else hub.run_identity(args.checkpoint, run_args)
-        epoch = f", after {ckpt['epoch'] + 1} epoch(s)" if isinstance(ckpt.get('epoch'), int) else ''
+        epoch = f", epoch {ckpt['epoch']} (counted from 0)" if isinstance(ckpt.get('epoch'), int) else ''
         weights = f"{'EMA student' if use_ema else 'student'} of {os.path.basename(args.checkpoint)}{epoch}"
 
         def card(source):

@@ -2,15 +2,14 @@
 plus a ``README.md`` model card (timm's ``generate_readme``), published as one folder; ``push_to_hf_hub`` uploads.
 
 * ``check_hub_dir``: the target is new or an empty folder (never overwritten) and its parent is writable.
-* ``write_hub_dir``: fills a hidden sibling folder, checks that ``timm.create_model('local-dir:...',
-  pretrained=True)`` rebuilds the same weights and preprocessing, runs the caller's check, then renames it onto
-  the target, so a crash leaves no half-written folder under the target's name.
+* ``write_hub_dir``: fills a hidden sibling folder (``checkpoint.atomic_write_dir``), checks that
+  ``timm.create_model('local-dir:...', pretrained=True)`` rebuilds the same weights and preprocessing, runs the
+  caller's check, then renames it onto the target: a crash leaves no half-written folder under the target's name.
 * ``model_card``: the card's fields (student, teacher and its weights, distiller, recipe, preprocessing, top-1).
 * ``run_identity``: the teacher identity lines of the run's ``args.yaml`` next to the checkpoint.
 """
 import logging
 import os
-import shutil
 from typing import Any, Callable, Dict, Optional
 
 import torch
@@ -21,7 +20,7 @@ from timm.data import resolve_data_config
 from timm.models import create_model, model_entrypoint, push_to_hf_hub, save_for_hf
 from timm.models._hub import generate_readme
 
-from .checkpoint import fsync_dir
+from .checkpoint import atomic_write_dir
 from .errors import FatalError, short
 from .preflight import check_output_path
 
@@ -102,7 +101,8 @@ def model_card(model: nn.Module, data_config: Dict[str, Any], run_args: Dict[str
         details['Teacher weights'] = os.path.basename(src) if os.path.isabs(src) else src  # no local paths
         if identity.get('teacher_sha256'):
             details['Teacher weights sha256'] = identity['teacher_sha256']
-    details['Recipe'] = run_args.get('config') or 'none (command-line flags)'
+    if 'config' in run_args:  # a train_kd.py run
+        details['Recipe'] = run_args['config'] or 'none (command-line flags)'
     details.update({k.replace('_', ' ').capitalize(): ', '.join(map(str, v)) if isinstance(v, (tuple, list)) else v
                     for k, v in ((k, data_config[k]) for k in CARD_DATA_KEYS)})
     if top1:
@@ -115,7 +115,8 @@ def model_card(model: nn.Module, data_config: Dict[str, Any], run_args: Dict[str
     usage = (f"```python\n{imports}model = timm.create_model('{source}', pretrained=True).eval()\n"
              f"cfg = timm.data.resolve_data_config({{}}, model=model)  # the run's input size, mean/std, crop\n"
              f"transform = timm.data.create_transform(**cfg)\n```\n")
-    what = f'distilled with {distiller} from {teacher}' if teacher else f'trained with distiller {distiller}'
+    what = (f'distilled with {distiller} from {teacher}' if teacher else 'trained without a teacher (distiller none)'
+            if distiller == 'none' else f'trained with distiller {distiller}')
     return dict(description=f'A {arch} student {what}, exported by scalekd-timm export.py. The license follows '
                             f'the training data and the teacher weights; the owner sets it.',
                 details=details, usage=usage, license='other',
@@ -146,27 +147,21 @@ def write_hub_dir(model: nn.Module, folder: str, data_config: Dict[str, Any], ca
                   check: Optional[Callable[[str], None]] = None) -> None:
     """Publish ``folder`` in timm's hub layout. ``check(path of model.safetensors)`` may refuse the weights;
     ``card()`` gives the model card dict for README.md (called after ``check``, so it can report its numbers)."""
-    folder = os.path.abspath(folder)
-    tmp = os.path.join(os.path.dirname(folder), f'.partial-{os.getpid()}-{os.path.basename(folder)}')
-    try:
+    def fill(tmp):
         save_for_hf(model, tmp, safe_serialization=True, data_config=data_config)
         _check_reload(tmp, model, data_config)
         if check is not None:
             check(os.path.join(tmp, 'model.safetensors'))
         with open(os.path.join(tmp, 'README.md'), 'w', encoding='utf-8') as f:
-            f.write(generate_readme(card(), os.path.basename(folder)))
-        for name in HUB_FILES:
-            with open(os.path.join(tmp, name), 'rb+') as f:
-                os.fsync(f.fileno())
-        os.rename(tmp, folder)  # onto a missing or empty folder only: a non-empty one raises ENOTEMPTY
-        fsync_dir(folder)
+            f.write(generate_readme(card(), os.path.basename(os.path.abspath(folder))))
+
+    try:
+        atomic_write_dir(folder, fill)
     except FatalError:
         raise
     except (OSError, RuntimeError, ValueError) as e:  # disk full, a folder filled meanwhile, a config timm refuses
         raise FatalError(f"could not write the hub folder '{folder}' ({short(e)}); pass --hub-dir as a new folder "
                          f"on a writable disk") from None
-    finally:
-        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def push(model: nn.Module, repo: str, card: Dict[str, Any], data_config: Dict[str, Any],

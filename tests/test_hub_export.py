@@ -32,8 +32,9 @@ def run(tmp_path_factory, teacher_ckpt):
             '--data-dir', data, '-b', '3', '--epochs', '1', '-j', '0', '--lr', '0.01', '--warmup-epochs', '0',
             '--output', str(root), '--experiment', 'student', '--log-interval', '10', '--model', 'scalekd_demo_resnet',
             '--model-ema', '--distiller', 'scalekd', '--teacher', 'scalekd_demo_vit',
-            '--teacher-checkpoint', teacher_ckpt, '--teacher-img-size', '32', '--img-size', '40', '--mean', '0.5', '0.4', '0.3',
-            '--std', '0.2', '0.25', '0.3', '--crop-pct', '0.875', '--interpolation', 'bicubic']) == 0
+            '--teacher-checkpoint', teacher_ckpt, '--teacher-img-size', '32', '--img-size', '40',
+            '--mean', '0.5', '0.4', '0.3', '--std', '0.2', '0.25', '0.3', '--crop-pct', '0.875',
+            '--interpolation', 'bicubic']) == 0
     finally:
         torch.set_num_threads(n)
     return dict(data=data, ckpt=str(root / 'student' / 'model_best.pth.tar'), teacher=teacher_ckpt)
@@ -75,8 +76,8 @@ def test_hub_dir_rebuilds_the_student_with_the_run_preprocessing(run, tmp_path):
     sha = hashlib.sha256(open(run['teacher'], 'rb').read()).hexdigest()  # args.yaml's teacher_sha256
     for text in ('**Teacher:** scalekd_demo_vit', '**Distiller:** scalekd', sha, '**Student:** scalekd_demo_resnet',
                  'import models', f"timm.create_model('local-dir:{hub_dir}', pretrained=True)", 'bicubic',
-                 'EMA student of model_best.pth.tar, after 1 epoch(s)', '**Mean:** 0.5, 0.4, 0.3',
-                 '**Input size:** 3, 40, 40'):
+                 'EMA student of model_best.pth.tar, epoch 0 (counted from 0)', '**Mean:** 0.5, 0.4, 0.3',
+                 '**Input size:** 3, 40, 40', '**Recipe:** none (command-line flags)'):
         assert text in card, text
     assert 'Top-1' not in card and os.path.dirname(run['teacher']) not in card  # no local paths in a public card
 
@@ -159,3 +160,18 @@ def test_push_to_hub_calls_timms_push_to_hf_hub(run, tmp_path, monkeypatch, capl
     caplog.clear()
     assert export.main(['--checkpoint', run['ckpt'], '--push-to-hub', 'me/student']) == 2
     assert 'HF_HUB_OFFLINE is set' in caplog.text and len(pushed) == 1
+
+
+def test_hub_dir_is_not_published_when_the_export_validates_differently(run, tmp_path, monkeypatch, caplog):
+    real = export.validate_main
+
+    def skewed(argv, settings=None):  # the weights in the hub folder score 0.5 points lower
+        r = dict(real(argv, settings=settings))
+        r['top1'] -= 0.5 * ('.partial-' in argv[argv.index('--checkpoint') + 1])
+        return r
+    monkeypatch.setattr(export, 'validate_main', skewed)
+    hub_dir = tmp_path / 'hub'
+    assert export.main(['--checkpoint', run['ckpt'], '--hub-dir', str(hub_dir), '--validate-data', run['data'],
+                        '-j', '0', '--device', 'cpu']) == 1
+    assert f"'{hub_dir}' was not written" in caplog.text
+    assert os.listdir(tmp_path) == []  # neither the folder nor its hidden sibling
