@@ -91,7 +91,7 @@ def model_card(model: nn.Module, data_config: Dict[str, Any], run_args: Dict[str
     arch = model.pretrained_cfg['architecture']
     distiller = run_args.get('distiller') or 'unknown'
     teacher = run_args.get('teacher') if distiller != 'none' else ''
-    details = {'Model Type': 'Image classification (distilled student)', 'Student': arch,
+    details = {'Model Type': 'Image classification', 'Student': arch,
                'Classes': model.num_classes, 'Params (M)': round(sum(p.numel() for p in model.parameters()) / 1e6, 2),
                'Weights': weights, 'Distiller': distiller}
     if teacher:
@@ -102,7 +102,8 @@ def model_card(model: nn.Module, data_config: Dict[str, Any], run_args: Dict[str
         if identity.get('teacher_sha256'):
             details['Teacher weights sha256'] = identity['teacher_sha256']
     if 'config' in run_args:  # a train_kd.py run
-        details['Recipe'] = run_args['config'] or 'none (command-line flags)'
+        recipe = run_args['config'] or 'none (command-line flags)'
+        details['Recipe'] = os.path.basename(recipe) if os.path.isabs(recipe) else recipe
     details.update({k.replace('_', ' ').capitalize(): ', '.join(map(str, v)) if isinstance(v, (tuple, list)) else v
                     for k, v in ((k, data_config[k]) for k in CARD_DATA_KEYS)})
     if top1:
