@@ -5,8 +5,10 @@ Keeps the student or its EMA (default: the EMA when the run has one), drops the 
 (``task_state``), optimizer, args and run state, checks a strict load into ``timm.create_model``
 of the run's student, and writes ``.safetensors`` or a weights-only ``.pth`` atomically.
 ``--from-official`` converts a checkpoint of the official (mmcls) ScaleKD code for ResNet students.
+``--hub-dir`` writes timm's hub layout with a model card (``runtime/hub.py``), ``--push-to-hub`` uploads it.
 
     python export.py --checkpoint RUN/model_best.pth.tar --output student.safetensors [--validate-data DATA]
+    python export.py --checkpoint RUN/model_best.pth.tar --hub-dir student-hub [--push-to-hub USER/NAME]
     python export.py --from-official --model resnet50 --checkpoint scalekd_r50.pth --output r50.safetensors
 """
 import argparse
@@ -15,21 +17,24 @@ import logging
 import os
 import re
 import sys
+import tempfile
 
 import safetensors.torch
 import torch
 import torch.nn as nn
 
 from timm import utils
+from timm.data import resolve_data_config
 from timm.models import clean_state_dict, create_model
 from timm.models.resnet import ResNet
 
 import models  # noqa: F401  registers the demo / paper student variants
 from config import run_settings
 from runtime.checkpoint import atomic_write, load_strict, load_weights_only, read_checkpoint
+from runtime import hub
 from runtime.errors import FatalError, log_startup_error, short
 from runtime.preflight import check_numeric_flags, check_output_file
-from validate import STRICT_HINT, validate_main
+from validate import DATA_KEYS, STRICT_HINT, validate_main
 
 _logger = logging.getLogger('export')
 TOP1_TOLERANCE = 0.01  # points
@@ -44,7 +49,15 @@ def _parser() -> argparse.ArgumentParser:
     p = argparse.ArgumentParser(description='Export the student of a ScaleKD / KD run for timm')
     p.add_argument('--checkpoint', required=True, metavar='PATH', help='run checkpoint, e.g. RUN/model_best.pth.tar')
     p.add_argument('--output', default='', metavar='PATH',
-                   help='.safetensors (default) or .pth file (default: <model>[-ema].safetensors next to the input)')
+                   help='.safetensors (default) or .pth file (default without --hub-dir / --push-to-hub: '
+                        '<model>[-ema].safetensors next to the input)')
+    p.add_argument('--hub-dir', default='', metavar='DIR',
+                   help="write timm's hub layout (config.json, model.safetensors, README.md model card) to DIR, a new "
+                        "or empty folder; timm.create_model('local-dir:DIR', pretrained=True) loads it")
+    p.add_argument('--push-to-hub', default='', metavar='REPO',
+                   help="upload the student with timm's push_to_hf_hub to the Hugging Face hub repository REPO")
+    p.add_argument('--hub-revision', default=None, metavar='BRANCH', help='branch of --push-to-hub (default: main)')
+    p.add_argument('--hub-private', action='store_true', help='--push-to-hub creates a private repository')
     p.add_argument('--use-ema', action=argparse.BooleanOptionalAction, default=None,
                    help='export the EMA student (default: the EMA when the checkpoint has one)')
     p.add_argument('--from-official', action='store_true', help='input is a checkpoint of the official ScaleKD code')
@@ -135,12 +148,16 @@ def _write(state: dict, path: str, settings: dict, check=None) -> None:
 
 
 def export_main(argv=None) -> dict:
-    args = _parser().parse_args(argv)
+    parser = _parser()
+    args = parser.parse_args(argv)
+    if (args.hub_revision or args.hub_private) and not args.push_to_hub:
+        parser.error('--hub-revision and --hub-private go with --push-to-hub REPO')
     check_numeric_flags(args)
     ckpt = load_weights_only(args.checkpoint)
     if args.from_official:
         state, settings, model = _official_student(ckpt, args)
         use_ema, what = False, 'student of the official ScaleKD checkpoint'
+        run_args = {'distiller': 'scalekd (official code)'}
     else:
         if not (isinstance(ckpt, dict) and isinstance(ckpt.get('args'), argparse.Namespace)
                 and isinstance(ckpt.get('state_dict'), dict) and getattr(ckpt['args'], 'model', '')):
@@ -152,7 +169,8 @@ def export_main(argv=None) -> dict:
         if use_ema and not has_ema:
             raise FatalError(f"'{args.checkpoint}' has no EMA student (run without --model-ema); pass --no-use-ema")
         key = 'state_dict_ema' if use_ema else 'state_dict'
-        state, settings = clean_state_dict(ckpt[key]), run_settings(vars(ckpt['args']))
+        run_args = vars(ckpt['args'])
+        state, settings = clean_state_dict(ckpt[key]), run_settings(run_args)
         dropped = ', '.join(sorted(k for k in ckpt if k != key))
         what = f"{'EMA student (state_dict_ema)' if use_ema else 'student (state_dict)'} of the " \
                f"{getattr(ckpt['args'], 'distiller', '?')} run; dropped {dropped}"
@@ -161,20 +179,28 @@ def export_main(argv=None) -> dict:
     create_args = ''.join(f', {k}={v!r}' for k, v in _create_kwargs(settings).items() if k != 'num_classes')
     load_strict(model, state, args.checkpoint, f"timm.create_model('{name}', num_classes={num_classes}{create_args})",
                 STRICT_HINT)
-    output = args.output or os.path.join(os.path.dirname(args.checkpoint), f"{name}{'-ema' if use_ema else ''}"
-                                                                             f".safetensors")
-    if not output.endswith(('.safetensors', '.pth', '.pt', '.bin')):
-        raise FatalError(f"--output '{output}' must end in .safetensors or .pth")
-    if os.path.abspath(output) == os.path.abspath(args.checkpoint):
-        raise FatalError('--output must not overwrite the --checkpoint')
-    check_output_file(output, '--output')  # its folder exists and is writable
+    output = args.output or ('' if args.hub_dir or args.push_to_hub else os.path.join(
+        os.path.dirname(args.checkpoint), f"{name}{'-ema' if use_ema else ''}.safetensors"))
+    if output:
+        if not output.endswith(('.safetensors', '.pth', '.pt', '.bin')):
+            raise FatalError(f"--output '{output}' must end in .safetensors or .pth")
+        if os.path.abspath(output) == os.path.abspath(args.checkpoint):
+            raise FatalError('--output must not overwrite the --checkpoint')
+        check_output_file(output, '--output')  # its folder exists and is writable
+    if args.hub_dir:
+        hub.check_hub_dir(args.hub_dir)  # new or empty, never overwritten
+        if output and os.path.abspath(output).startswith(os.path.abspath(args.hub_dir) + os.sep):
+            raise FatalError(f"--output '{output}' is inside --hub-dir, which holds timm's files only; "
+                             f"put it elsewhere")
+    if args.push_to_hub:
+        hub.check_push(args.push_to_hub)
     _logger.info(f"Exporting the {what}")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     results = {}
     common = ['--data-dir', args.validate_data, '-b', str(args.batch_size), '-j', str(args.workers),
               '--device', args.device]
 
-    def check(tmp):  # the file is published only if it validates like the student it came from
+    def check(tmp, target=output):  # the file is published only if it validates like the student it came from
         results['export'] = validate_main(common + ['--checkpoint', tmp], settings=settings)
         if args.from_official:
             return
@@ -183,13 +209,37 @@ def export_main(argv=None) -> dict:
         if abs(a - b) > TOP1_TOLERANCE:
             raise ExportCheckError(f"the exported weights reach top-1 {a:.4f} but the student in '{args.checkpoint}' "
                                    f"{b:.4f} on {args.validate_data} (more than {TOP1_TOLERANCE} points apart); "
-                                   f"'{output}' was not written")
+                                   f"'{target}' was not written")
 
-    _write(state, output, settings, check if args.validate_data else None)
-    _logger.info(f"Wrote '{output}' ({len(state)} tensors). Load it with timm.create_model('{name}', pretrained=True, "
-                 f"pretrained_cfg_overlay=dict(file='{output}', num_classes={num_classes}), "
-                 f"num_classes={num_classes}{create_args})")
-    return dict(output=output, model=name, num_classes=num_classes, ema=use_ema, **results)
+    if output:
+        _write(state, output, settings, check if args.validate_data else None)
+        _logger.info(f"Wrote '{output}' ({len(state)} tensors). Load it with timm.create_model('{name}', "
+                     f"pretrained=True, pretrained_cfg_overlay=dict(file='{output}', num_classes={num_classes}), "
+                     f"num_classes={num_classes}{create_args})")
+    if args.hub_dir or args.push_to_hub:  # timm's hub layout, preprocessing as the run resolved it
+        data_config = resolve_data_config({k: settings.get(k) for k in DATA_KEYS}, model=model)
+        identity = {} if args.from_official else hub.run_identity(args.checkpoint, run_args)
+        epoch = f", epoch {ckpt['epoch']} (counted from 0)" if isinstance(ckpt.get('epoch'), int) else ''
+        weights = f"{'EMA student' if use_ema else 'student'} of {os.path.basename(args.checkpoint)}{epoch}"
+
+        def card(source):
+            top1 = dict(results['export'], data_dir=args.validate_data) if results else None
+            return hub.model_card(model, data_config, run_args, identity, weights, source, top1)
+
+        late_check = (lambda p: check(p, args.hub_dir)) if args.validate_data and not results else None
+        if args.hub_dir:
+            hub.write_hub_dir(model, args.hub_dir, data_config, lambda: card(f'local-dir:{args.hub_dir}'), late_check)
+            needs = ' after `import models`' if hub.needs_project_models(model.pretrained_cfg['architecture']) else ''
+            _logger.info(f"Wrote the hub folder '{args.hub_dir}' ({', '.join(hub.HUB_FILES)}). Load it with "
+                         f"timm.create_model('local-dir:{args.hub_dir}', pretrained=True){needs}")
+        elif late_check is not None:  # push only: validate a temporary copy of the weights first
+            with tempfile.TemporaryDirectory() as d:
+                _write(state, os.path.join(d, 'student.safetensors'), settings, lambda p: check(p, args.push_to_hub))
+        if args.push_to_hub:
+            hub.push(model, args.push_to_hub, card(f'hf-hub:{args.push_to_hub}'), data_config, args.hub_revision,
+                     args.hub_private)
+            _logger.info(f"Pushed the student to the hub repository '{args.push_to_hub}'")
+    return dict(output=output, hub_dir=args.hub_dir, model=name, num_classes=num_classes, ema=use_ema, **results)
 
 
 def main(argv=None) -> int:

@@ -2,6 +2,7 @@
 
 * ``atomic_write``: a temporary file next to the target, fsynced, optionally checked, renamed over
   the target and the folder fsynced, so a crash at any moment leaves the old file or the new one.
+  ``atomic_write_dir``: the same for a new folder (never over a non-empty one).
 * ``load_weights_only``: ``torch.load(weights_only=True)`` (plus ``argparse.Namespace``, the run's
   args); a pickle that needs other globals is refused with one message naming them.
 * ``read_checkpoint``: the weights of a training checkpoint, a plain state dict or a ``.safetensors``.
@@ -57,6 +58,24 @@ def atomic_write(path: str, write: Callable, check: Optional[Callable[[str], Non
         except OSError:
             pass
         raise
+
+
+def atomic_write_dir(path: str, fill: Callable[[str], None]) -> None:
+    """Publish the folder ``path`` atomically: ``fill(tmp)`` creates and fills (and may check) a hidden sibling
+    folder, whose files are fsynced before it is renamed onto ``path``. ``path`` must be missing or an empty folder:
+    a non-empty one is never replaced (the rename fails). The sibling is removed on any error."""
+    path = os.path.abspath(path)
+    tmp = os.path.join(os.path.dirname(path), f'.partial-{os.getpid()}-{os.path.basename(path)}')
+    try:
+        fill(tmp)
+        for name in os.listdir(tmp):
+            with open(os.path.join(tmp, name), 'rb') as f:
+                os.fsync(f.fileno())
+        fsync_dir(os.path.join(tmp, '.'))
+        os.rename(tmp, path)
+        fsync_dir(path)
+    finally:
+        shutil.rmtree(tmp, ignore_errors=True)
 
 
 def _write_error(path: str, e: Exception) -> FatalError:
