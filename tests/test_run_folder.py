@@ -242,7 +242,7 @@ def test_a_stopped_or_killed_run_continues_with_resume_auto(data, tmp_path):
     second.send_signal(signal.SIGTERM)
     rc, log = _finish(second, log)
     assert rc == 75, log[-3000:]
-    assert f'took over the stale run lock' in log and f'its process {first.pid} is gone' in log
+    assert 'took over the stale run lock' in log and f'its process {first.pid} is gone' in log
     assert not lock.exists()
     rc, log = _finish(_popen(argv))
     assert rc == 0, log[-3000:]
