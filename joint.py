@@ -50,6 +50,7 @@ from runtime.nonfinite import NonFiniteGuard, norm_and_clip
 from runtime.resume import EpochPosition, check_same_resume, checkpoint_position, find_resume, is_valid_checkpoint, \
     run_config, truncate_summary
 from runtime.rng import get_rng_state, set_rng_state
+from runtime.runlock import hold_run_lock, release_run_lock
 from runtime.saver import RunSaver
 from runtime.signals import install_signal_handlers, stop_requested
 from validate import validate_task
@@ -157,6 +158,8 @@ def main_joint(args, args_text) -> int:
     except FatalError as e:
         log_startup_error(_logger, e)
         return e.exit_code
+    finally:
+        release_run_lock()  # every student's run.lock
 
 
 def _build_students(args, runs: List[StudentRun], device, in_chans):
@@ -257,6 +260,8 @@ def train_joint(args, runs: List[StudentRun]) -> int:
         r.loss_scaler = utils.NativeScaler(device=device.type) if use_scaler else None
         r.config = run_config(r.args, train_kd.RESUME_FREE_KEYS)
 
+    for r in runs:  # one job per run folder; a new run never writes into a folder that holds one
+        hold_run_lock(r.output_dir, r.args)
     if args.resume == 'auto':
         _resume_position(runs)
     start_epoch, resume_batch, extras = 0, 0, None

@@ -51,6 +51,7 @@ from runtime.nonfinite import NonFiniteGuard, norm_and_clip
 from runtime.plot import write_curves
 from runtime.resume import EpochPosition, append_summary, check_same_resume, find_resume, load_state_extras, \
     run_config, truncate_summary
+from runtime.runlock import hold_run_lock, release_run_lock
 from runtime.saver import RunSaver
 from runtime.signals import install_signal_handlers, stop_requested
 from validate import check_teacher, eval_columns, validate_task
@@ -64,7 +65,8 @@ RESUME_FREE_KEYS = frozenset({
     'teacher_min_top1', 'teacher_check_batches', 'nonfinite', 'nonfinite_max_skips', 'val_interval', 'epochs',
     'data_dir', 'teacher_checkpoint', 'prefetcher', 'distributed', 'world_size', 'rank', 'local_rank',
     'dist_timeout', 'max_bad_images', 'loss_balance_factor', 'scalekd_allow_degenerate', 'no_plot',
-    'dry_run', 'torchcompile', 'torchcompile_mode',  # compiled or eager: the same math (checkpoints hold unprefixed keys)
+    'lock_stale_minutes', 'dry_run',
+    'torchcompile', 'torchcompile_mode',  # compiled or eager: the same math (checkpoints hold unprefixed keys)
 })
 
 
@@ -315,6 +317,9 @@ def build_parser():
                        help='name of train experiment, name of sub-folder for output')
     group.add_argument('--no-plot', action='store_true', default=False,
                        help='do not draw <output>/<experiment>/curves.png (losses, top-1, agreement, lr) every epoch')
+    group.add_argument('--lock-stale-minutes', type=float, default=10.0, metavar='MIN',
+                       help='the run folder\'s run.lock of a job on another host whose heartbeat (every minute) is '
+                            'older than this is stale and taken over (default: 10)')
     group.add_argument('--eval-metric', default='top1', type=str, metavar='EVAL_METRIC',
                        help='Best metric (default: "top1")')
     group.add_argument('--nonfinite', default='abort', type=str, choices=('abort', 'skip'),
@@ -372,6 +377,8 @@ def main(argv=None):
             raise
         _logger.error(msg)
         return EXIT_FATAL
+    finally:
+        release_run_lock()  # run.lock, if train() took it, on every exit path
 
 
 def train(args, args_text):
@@ -424,6 +431,7 @@ def train(args, args_text):
 
     # optionally resume from a checkpoint: student, projectors, optimizer, scaler, then the exact-resume state
     output_dir = _output_dir(args, img_size)
+    hold_run_lock(output_dir, args)  # one job per run folder; a new run never writes into a folder holding one
     config = run_config(args, RESUME_FREE_KEYS)
     resume_path = find_resume(args.resume, output_dir) if args.resume else ''
     check_same_resume(resume_path, args.distributed)

@@ -85,6 +85,7 @@ def main(argv=None):
                                    '--val-per-class', '100'], cwd=ROOT)
         teacher_ckpt = os.path.join(runs, 'teacher', 'last.pth.tar')
         if not os.path.isfile(teacher_ckpt):
+            shutil.rmtree(os.path.dirname(teacher_ckpt), ignore_errors=True)  # a stopped run: start it again
             sh([py, 'train_kd.py', '--config', 'recipes/demo_fmnist_teacher.yaml', '--data-dir', full, '--output',
                 runs, '--experiment', 'teacher', '--epochs', str(args.teacher_epochs), '-j', str(args.workers)],
                os.path.join(out, 'teacher.log'))

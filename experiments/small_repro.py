@@ -121,6 +121,7 @@ def main(argv=None):
             teacher_top1 = json.load(f)['top1']
     else:
         if not os.path.isfile(os.path.join(teacher_dir, 'last.pth.tar')):
+            shutil.rmtree(teacher_dir, ignore_errors=True)  # a stopped run: start it again
             sh([py, 'train_kd.py', '--config', 'recipes/demo_fmnist_teacher.yaml', '--data-dir', data['teacher'],
                 '--experiment', 'teacher', '--epochs', str(args.teacher_epochs)] + common,
                os.path.join(out, 'teacher.log'))

@@ -6,6 +6,8 @@
 * ``saver``: ``RunSaver``, timm's CheckpointSaver writing through the atomic writer, with exact-resume state.
 * ``rng``: RNG states of every stream and rank, in a form a weights-only checkpoint holds.
 * ``resume``: ``--resume auto``, the settings check, the position inside an epoch (skip + RNG replay).
+* ``runlock``: one run per run folder (a new run refuses a folder holding one), one job per run folder
+  (``run.lock``: heartbeat, stale locks taken over).
 * ``signals``: SIGTERM / SIGUSR1 / SIGINT -> finish the step, save a recovery checkpoint, exit 75.
 * ``distributed``: a timeout for every collective, one line when a peer rank died.
 * ``data``: data-folder checks and ``BadImageGuard`` (unreadable images skipped, named and counted).

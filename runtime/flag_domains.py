@@ -107,6 +107,7 @@ FLAG_DOMAINS = {
     'nonfinite_max_skips': ('int', 0, None, 'skipped updates allowed'),
     'max_bad_images': ('int', 0, None, 'unreadable images allowed'),
     'dist_timeout': ('float', 0, None, 'collective timeout in seconds'),
+    'lock_stale_minutes': ('float', ('>', 0), None, 'minutes without a heartbeat before a run lock is stale'),
     'teacher_min_top1': ('float', 0, 100, 'teacher top-1 threshold in percent'),
     'teacher_check_batches': ('int', 1, None, 'validation batches of the teacher check'),
 }

@@ -13,6 +13,7 @@
 import argparse
 import csv
 import os
+import shutil
 import subprocess
 import sys
 import time
@@ -56,6 +57,8 @@ def main(argv=None):
             subprocess.check_call(cmd + (['--train-per-class', str(per_class)] if per_class else []), cwd=ROOT)
     times['data'] = time.time() - t
 
+    # the demo owns <out>/runs: a second demo starts its runs afresh (train_kd.py never writes over a run)
+    shutil.rmtree(os.path.join(out, 'runs'), ignore_errors=True)
     common = ['--output', os.path.join(out, 'runs'), '-j', str(args.workers), '--log-interval', '20']
     teacher_dir = os.path.join(out, 'runs', 'teacher')
     times['teacher'] = run([py, 'train_kd.py', '--config', 'recipes/demo_fmnist_teacher.yaml',
