@@ -86,6 +86,24 @@ for mode in $MODES; do
     run swinl_vitb "$mode" "${VITB[@]}"
 done
 
+# one teacher pass, three students (train_kd.py --model A,B,C): Swin-L -> ResNet-50-D with ScaleKD, KD and DIST,
+# trained jointly vs one after another, eager (TINY: the demo pair on CPU)
+if [ -n "$TINY" ]; then
+    JOINT=(--model scalekd_demo_resnet --teacher scalekd_demo_vit --img-size 32 --num-classes 10 -b 4 --device cpu
+           --threads 1 --steps "$STEPS" --warmup "$WARMUP")
+else
+    JOINT=(--model resnet50d --teacher swin_large_patch4_window7_224 --img-size 224 --num-classes 1000
+           -b "${BATCH_R50:-64}" --device cuda --amp --channels-last --steps "$STEPS" --warmup "$WARMUP")
+fi
+left=$(( BUDGET - ($(date +%s) - START) ))
+if [ "$left" -ge 20 ]; then
+    echo "=== joint swinl -> r50 {scalekd, kd, dist} (at most $(( left < RUN_TIMEOUT ? left : RUN_TIMEOUT ))s) ==="
+    PYTHONUNBUFFERED=1 timeout $(( left < RUN_TIMEOUT ? left : RUN_TIMEOUT )) "$PYTHON" benchmarks/multi_student.py \
+        "${JOINT[@]}" --distiller scalekd,kd,dist --json "$OUT_DIR/joint_r50.json" || { echo "joint: FAILED or timed out"; status=1; }
+else
+    echo "=== joint: skipped, the ${BUDGET}s budget is spent"; status=1
+fi
+
 echo "=== summary ($OUT_DIR, $(( $(date +%s) - START ))s) ==="
 "$PYTHON" - "$OUT_DIR" $MODES <<'EOF'
 import json, os, sys

@@ -124,12 +124,15 @@ def main(argv=None):
         memo.clear()
 
     times = {'solo': [], 'joint': [], 'teacher': []}
+    forwards = {'solo': 0, 'joint': 0, 'teacher': 0}  # teacher forwards run (counted by the memo)
     for i in range(args.warmup + args.steps):
         for name, fn in (('solo', solo), ('joint', joint), ('teacher', teacher_only)):
+            runs_before = memo.runs
             sync()
             start = time.perf_counter()
             fn()
             sync()
+            forwards[name] += memo.runs - runs_before
             if i >= args.warmup:
                 times[name].append(time.perf_counter() - start)
     n, b = args.n_students, args.batch_size
@@ -141,6 +144,7 @@ def main(argv=None):
         solo_img_per_s=n * b / med['solo'], joint_img_per_s=n * b / med['joint'],
         solo_step_ms=1000 * med['solo'] / n, joint_round_ms=1000 * med['joint'], teacher_ms=1000 * med['teacher'],
         teacher_share=share, speedup=med['solo'] / med['joint'], ideal=1 / (1 - share * (n - 1) / n),
+        teacher_forwards_per_round={k: v / (args.warmup + args.steps) for k, v in forwards.items()},
         torch=torch.__version__, timm=timm.__version__)
     print(f"{n} students ({args.model}, {args.distiller}) from {args.teacher} at {args.img_size} px, batch {b}, "
           f"{device}{' bf16' if args.amp else ' fp32'}, {torch.get_num_threads()} thread(s), median of {args.steps}:")

@@ -183,3 +183,20 @@ def test_gpu_check_tiny_mode_on_cpu(tmp_path):
         assert result['amp'] == 'bfloat16' and result['full_step']['img_per_s'] > 0
         summary = [line for line in proc.stdout.splitlines() if line.startswith(f'{name:<12} eager')]
         assert len(summary) == 1, proc.stdout[-2000:]
+    joint = json.loads((tmp_path / 'out' / 'joint_r50.json').read_text())
+    assert joint['n_students'] == 3 and joint['distiller'] == 'scalekd,kd,dist' and joint['speedup'] > 0
+
+
+def test_multi_student_benchmark_runs_the_teacher_once_per_joint_round(tmp_path):
+    """benchmarks/multi_student.py: one after another, each of the 3 steps runs the teacher; jointly, once per round;
+    the JSON carries what the issue names (speedup, ideal, teacher_share, n_students), consistent with each other."""
+    from benchmarks import multi_student
+    out = tmp_path / 'multi.json'
+    r = multi_student.main(['--model', 'scalekd_demo_resnet', '--teacher', 'scalekd_demo_vit', '--img-size', '32',
+                            '--num-classes', '10', '-b', '4', '--device', 'cpu', '--threads', '1', '--steps', '2',
+                            '--warmup', '1', '--distiller', 'kd,dist,scalekd', '--json', str(out)])
+    assert json.loads(out.read_text()) == json.loads(json.dumps(r))
+    assert r['teacher_forwards_per_round'] == {'solo': 3, 'joint': 1, 'teacher': 1}
+    assert r['n_students'] == 3 and 0 < r['teacher_share'] < 1
+    assert r['ideal'] == pytest.approx(1 / (1 - r['teacher_share'] * 2 / 3))
+    assert r['speedup'] == pytest.approx(r['joint_img_per_s'] / r['solo_img_per_s'])
