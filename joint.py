@@ -37,12 +37,14 @@ from timm.scheduler import create_scheduler_v2, scheduler_kwargs
 from timm.task import load_task_ema_checkpoint
 
 import train_kd
+from distillers.balance import log_loss_balance
 from distillers.flags import resolve_teacher_img_size, student_list
 from distillers.teacher import TeacherLoadError, check_teacher_head, identity_yaml
 from distillers.preflight import check_train_inputs
 from runtime.checkpoint import check_output_dir
 from runtime.data import check_bad_images
 from runtime.device import fused_optimizer_kwargs
+from runtime.dryrun import dry_run
 from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error
 from runtime.loaders import create_datasets, create_mixup, create_train_loader
 from runtime.metrics import StepTimer, TermSums, log_train_step, tensorboard_writer
@@ -128,6 +130,8 @@ def student_args(args, model: str, distiller: str, experiment: str) -> Tuple[arg
     """A solo run's args for one student, and its args.yaml text (before the checks resolve anything, as train_kd)."""
     a = argparse.Namespace(**vars(args))
     a.model, a.distiller, a.experiment = model, distiller, experiment
+    if distiller == 'none':  # the no-teacher baseline of an ablation: a solo run of it names no teacher
+        a.teacher, a.teacher_checkpoint, a.kd_model_name = '', '', None
     return a, yaml.safe_dump(vars(a), default_flow_style=False)
 
 
@@ -452,7 +456,7 @@ def train_joint_epoch(epoch, runs, loader, args, device, amp_autocast, mixup_fn,
         timer.data_ready()
         for r in runs:
             if r.live and measure_balance and batch_idx == 0:
-                train_kd.log_loss_balance(r.args, r.task, input, target, amp_autocast, r.output_dir)
+                log_loss_balance(r.args, r.task, input, target, amp_autocast, r.output_dir)
             if not r.live:
                 continue
             with (r.task.no_sync() if args.distributed and not need_update else suppress()):
@@ -542,5 +546,5 @@ def _dry_run(args, runs, loader, mixup_fn, amp_autocast, device, memo) -> int:
     for r in runs:
         if utils.is_primary(args):
             _logger.info(f'Student {r.name}:')
-        train_kd.dry_run(r.args, r.task, r.optimizer, loader, mixup_fn, amp_autocast, device)
+        dry_run(r.args, r.task, r.optimizer, loader, mixup_fn, amp_autocast, device, balance=log_loss_balance)
     return 0

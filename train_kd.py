@@ -10,11 +10,9 @@ defaults; command-line flags override them.
     ./distributed_train.sh 8 --config recipes/swinl_vitb.yaml --data-dir /data/imagenet
 """
 import argparse
-import json
 import logging
 import os
 import sys
-import time
 from collections import OrderedDict
 from contextlib import suppress
 from datetime import datetime
@@ -35,13 +33,14 @@ from timm.task import resume_task_checkpoint, load_task_ema_checkpoint
 import models  # noqa: F401  registers the paper's student variants
 from config import parse_args_with_recipe
 from distillers.teacher import TeacherLoadError, check_model_name, check_teacher_head, create_teacher, identity_yaml
-from distillers.balance import reference_term, term_gradient_norms, unbalanced_terms
+from distillers.balance import log_loss_balance
 from distillers.preflight import check_train_inputs, checked_build_task, settle_models
 from distillers.flags import add_distill_args, check_distill_args, criterion_kwargs, resolve_teacher_img_size, \
     student_list, task_kwargs
 from runtime.checkpoint import check_output_dir
 from runtime.code_version import code_version
 from runtime.data import check_bad_images
+from runtime.dryrun import dry_run
 from runtime.device import check_compile, check_precision, fused_optimizer_kwargs
 from runtime.distributed import collective_failure_message, collective_timeout
 from runtime.loaders import create_datasets, create_mixup, create_train_loader, num_classes  # noqa: F401
@@ -473,7 +472,7 @@ def train(args, args_text):
         )
 
     if args.dry_run:  # checks passed, models and loaders built: time a step and stop, nothing written
-        return dry_run(args, task, optimizer, loader_train, mixup_fn, amp_autocast, device)
+        return dry_run(args, task, optimizer, loader_train, mixup_fn, amp_autocast, device, balance=log_loss_balance)
 
     # setup checkpoint saver, output dir, args.yaml and TensorBoard (rank 0 only)
     eval_metric = args.eval_metric if loader_eval is not None else 'loss'
@@ -826,70 +825,6 @@ def train_one_epoch(
         optimizer.sync_lookahead()
     return OrderedDict(sums.means(), img_per_s=timer.images_per_s.avg, data_time=timer.data.avg,
                        nonfinite_skipped=guard.skipped)
-
-
-def log_loss_balance(args, task, input, target, amp_autocast, output_dir):
-    """Gradient norm each weighted term sends into the student on the first batch; warn on a runaway term."""
-    with (task.no_sync() if args.distributed else suppress()):
-        norms = term_gradient_norms(task, input, target, task.get_eval_model().parameters(), amp_autocast)
-    if not utils.is_primary(args):
-        return
-    ref = reference_term(norms)
-    _logger.info('Loss balance (gradient norm of each weighted term into the student, first batch): ' + '  '.join(
-        f'{k} {v:.3g}' + (f' ({v / norms[ref]:.2g}x)' if k != ref and norms[ref] > 0 else '') for k, v in norms.items()))
-    bad = unbalanced_terms(norms, args.loss_balance_factor)
-    if output_dir:  # None in a dry run
-        with open(os.path.join(output_dir, 'loss_balance.json'), 'w') as f:
-            json.dump({'gradient_norms': norms, 'reference': ref, 'factor': args.loss_balance_factor,
-                       'over_factor': bad}, f, indent=1)
-    for k, ratio in bad.items():
-        _logger.warning(f'{k} sends {ratio:.3g}x the gradient of {ref} into the student (limit '
-                        f'--loss-balance-factor {args.loss_balance_factor:g}): it will dominate training. Lower its '
-                        f'weight, or check the inputs and the teacher')
-
-
-def dry_run(args, task, optimizer, loader, mixup_fn, amp_autocast, device, steps=2):
-    """``--dry-run``: trained / frozen parameter counts, the loss balance of the first batch, and the time (and peak
-    CUDA memory) of ``steps`` full steps (forward, backward, optimizer update) at the run's batch size; writes nothing."""
-    primary = utils.is_primary(args)
-    n_student = sum(p.numel() for p in task.get_eval_model().parameters())
-    n_trained = sum(p.numel() for p in task.get_trainable_module().parameters() if p.requires_grad)
-    n_teacher = sum(p.numel() for p in task.teacher.parameters()) if getattr(task, 'teacher', None) is not None else 0
-    input, target = next(iter(loader))
-    if not args.prefetcher:
-        input, target = input.to(device), target.to(device)
-        if mixup_fn is not None:
-            input, target = mixup_fn(input, target)
-    if args.channels_last:
-        input = input.contiguous(memory_format=torch.channels_last)
-    if args.loss_balance_factor > 0:
-        log_loss_balance(args, task, input, target, amp_autocast, None)
-    task.train()
-    if device.type == 'cuda':
-        torch.cuda.reset_peak_memory_stats(device)
-    times = []
-    for _ in range(steps):
-        start = time.perf_counter()
-        with amp_autocast():
-            out = task(input, target)
-        out['loss'].backward()
-        optimizer.step()
-        optimizer.zero_grad()
-        if device.type == 'cuda':
-            torch.cuda.synchronize(device)
-        times.append(time.perf_counter() - start)
-    if primary:
-        mem = f', peak CUDA memory {torch.cuda.max_memory_allocated(device) / 2 ** 30:.2f} GiB' \
-            if device.type == 'cuda' else ''
-        terms = '  '.join(f'{k} {v.item():.4g}' for k, v in out.items() if k.startswith('loss'))
-        _logger.info(f'Dry run: student {n_student / 1e6:.2f} M params, {n_trained / 1e6:.2f} M trained (with the '
-                     f'distiller\'s modules), teacher {n_teacher / 1e6:.2f} M frozen')
-        _logger.info(f'Dry run: batch {input.shape[0]} x {tuple(input.shape[1:])} per process; step times '
-                     f'{", ".join(f"{t:.3f}" for t in times)} s (the first includes warm-up{" and compilation" if args.torchcompile else ""}); '
-                     f'{input.shape[0] * args.world_size / times[-1]:.1f} img/s{mem}; {len(loader)} steps per epoch')
-        _logger.info(f'Dry run: losses at the last step: {terms}')
-        _logger.info('Dry run finished: every check passed; nothing was written.')
-    return 0
 
 
 if __name__ == '__main__':

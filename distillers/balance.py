@@ -5,12 +5,18 @@ first seconds of a run, not after hours of a student that does not learn. The me
 trace: the task's buffers (BatchNorm statistics) and the torch RNG (dropout, drop-path) are put back,
 and no ``.grad`` is written, so the run continues bit for bit as if it had not been taken.
 """
+import json
+import logging
+import os
 from collections import OrderedDict
 from contextlib import suppress
 from typing import Callable, Dict, Iterable, Optional
 
 import torch
 import torch.nn as nn
+from timm import utils
+
+_logger = logging.getLogger('train')
 
 # a term whose gradient is 100x the task loss's owns the update direction: with clipping or an
 # adaptive optimizer the task loss then steers less than 1% of every step. Healthy runs measured
@@ -85,3 +91,23 @@ def unbalanced_terms(norms: Dict[str, float], factor: float = DEFAULT_FACTOR) ->
         if not (ratio <= factor):  # also catches nan
             out[k] = ratio
     return out
+
+
+def log_loss_balance(args, task, input, target, amp_autocast, output_dir):
+    """Gradient norm each weighted term sends into the student on the first batch; warn on a runaway term."""
+    with (task.no_sync() if args.distributed else suppress()):
+        norms = term_gradient_norms(task, input, target, task.get_eval_model().parameters(), amp_autocast)
+    if not utils.is_primary(args):
+        return
+    ref = reference_term(norms)
+    _logger.info('Loss balance (gradient norm of each weighted term into the student, first batch): ' + '  '.join(
+        f'{k} {v:.3g}' + (f' ({v / norms[ref]:.2g}x)' if k != ref and norms[ref] > 0 else '') for k, v in norms.items()))
+    bad = unbalanced_terms(norms, args.loss_balance_factor)
+    if output_dir:  # None in a dry run
+        with open(os.path.join(output_dir, 'loss_balance.json'), 'w') as f:
+            json.dump({'gradient_norms': norms, 'reference': ref, 'factor': args.loss_balance_factor,
+                       'over_factor': bad}, f, indent=1)
+    for k, ratio in bad.items():
+        _logger.warning(f'{k} sends {ratio:.3g}x the gradient of {ref} into the student (limit '
+                        f'--loss-balance-factor {args.loss_balance_factor:g}): it will dominate training. Lower its '
+                        f'weight, or check the inputs and the teacher')

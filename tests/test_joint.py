@@ -102,14 +102,19 @@ def test_joint_run_equals_the_solo_runs(image_folder, teacher_ckpt, tmp_path, on
 def test_student_lists_recipes_and_sub_folders(image_folder, teacher_ckpt, tmp_path, one_thread, capsys):
     recipe = tmp_path / 'r.yaml'
     recipe.write_text('model: {model: [scalekd_demo_resnet, scalekd_demo_resnet, scalekd_demo_mixer]}\n'
-                      'distill: {distiller: kd}\n')
+                      'distill: {distiller: [kd, none, kd]}\n')
     argv = _argv(image_folder, teacher_ckpt, tmp_path, 'ladder', '--config', str(recipe), '--epochs', '1',
                  '--dry-run')
     assert train_kd.main(argv) == 0
     assert not (tmp_path / 'ladder').exists()  # a dry run writes nothing
     assert train_kd.main(argv[:-1]) == 0
     assert sorted(os.listdir(tmp_path / 'ladder')) == ['scalekd_demo_mixer-kd', 'scalekd_demo_resnet-kd',
-                                                       'scalekd_demo_resnet-kd-2']
+                                                       'scalekd_demo_resnet-none']
+    assert 'train_loss_kd' not in _rows(tmp_path / 'ladder' / 'scalekd_demo_resnet-none')[0]
+    # a pair that repeats gets an index
+    from joint import sub_folders
+    assert sub_folders([('resnet50d', 'kd'), ('resnet50d', 'kd'), ('resnet50d', 'kd')]) == [
+        'resnet50d-kd', 'resnet50d-kd-2', 'resnet50d-kd-3']
     for bad, message in ((['--distiller', 'kd,dist'], 'names 2 distillers for 3 students'),
                          (['--distiller', 'kd,fitnet,kd'], "invalid choice: 'fitnet'"),
                          (['--resume', 'x.pth.tar'], 'pass --resume auto')):
