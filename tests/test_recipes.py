@@ -23,7 +23,7 @@ import models  # noqa: F401  registers the paper's students
 import train_kd
 from config import load_recipe
 from distillers import build_task
-from distillers.flags import criterion_kwargs, task_kwargs
+from distillers.flags import criterion_kwargs, loss_weights, task_kwargs
 
 torch.set_num_threads(2)
 
@@ -208,7 +208,8 @@ def test_paper_recipe_builds_and_steps(name):
         f'loss_{s}{suffix}' for s, a in (('s3', args.scalekd_alpha_s3), ('s4', args.scalekd_alpha_s4))
         for i, suffix in enumerate(('', '_alt')) if a[i]}
     assert set(task.loss_weights) == expect_terms
-    assert task.loss_weights['loss_cls'] == pytest.approx(1 - args.kd_weight)
+    assert (task.loss_weights['loss_cls'], task.loss_weights['loss_kd']) == pytest.approx(loss_weights(args))
+    assert task.loss_weights['loss_kd'] == (0.0 if name == 'swins_r50_trad' else 0.5)  # the recipe's, or the default
     assert torch.isfinite(out['loss'])
 
     out['loss'].backward()
