@@ -130,8 +130,14 @@ def student_args(args, model: str, distiller: str, experiment: str) -> Tuple[arg
     """A solo run's args for one student, and its args.yaml text (before the checks resolve anything, as train_kd)."""
     a = argparse.Namespace(**vars(args))
     a.model, a.distiller, a.experiment = model, distiller, experiment
-    if distiller == 'none':  # the no-teacher baseline of an ablation: a solo run of it names no teacher
-        a.teacher, a.teacher_checkpoint, a.kd_model_name = '', '', None
+    # a distillation flag applies to the students whose distiller uses it (an ablation passes --kd-weight for kd)
+    if distiller not in ('kd', 'scalekd'):
+        a.kd_weight = None
+    if distiller in ('none', 'dist'):
+        a.distill_loss_weight = a.task_loss_weight = None
+    if distiller == 'none':  # the no-teacher baseline: a solo run of it names no teacher
+        a.teacher, a.teacher_checkpoint, a.kd_model_name, a.kd_distill_type = '', '', None, None
+        a.kd_temperature, a.teacher_features_only = None, False
     return a, yaml.safe_dump(vars(a), default_flow_style=False)
 
 

@@ -35,8 +35,8 @@ from config import parse_args_with_recipe
 from distillers.teacher import TeacherLoadError, check_model_name, check_teacher_head, create_teacher, identity_yaml
 from distillers.balance import log_loss_balance
 from distillers.preflight import check_train_inputs, checked_build_task, settle_models
-from distillers.flags import add_distill_args, check_distill_args, criterion_kwargs, resolve_teacher_img_size, \
-    student_list, task_kwargs
+from distillers.flags import add_distill_args, check_distill_args, criterion_kwargs, describe_kd_settings, \
+    resolve_teacher_img_size, student_list, task_kwargs
 from runtime.checkpoint import check_output_dir
 from runtime.code_version import code_version
 from runtime.data import check_bad_images
@@ -645,6 +645,7 @@ def create_task(args, model, data_config, device, in_chans, teacher=None):
         _logger.info(f'Teacher {args.teacher}: {sum(p.numel() for p in teacher.parameters()) / 1e6:.2f} M params '
                      f'(frozen, {args.teacher_mode} mode); distillation adds {n_extra / 1e6:.2f} M trained params')
         _logger.info('Weights: ' + identity_yaml(args).strip().replace('\n', '  '))
+        _logger.info(describe_kd_settings(args))  # effective temperature and weights, and whose defaults
         for k, w in getattr(task, 'loss_weights', {}).items():
             _logger.info(f'  loss weight {k}: {w:g}')
     if hasattr(task, 'check_geometry'):  # ScaleKD: log the grids, refuse a term that is constant by construction

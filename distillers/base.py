@@ -132,9 +132,20 @@ class TeacherOnStudentInput(nn.Module):
 def kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
     """Soft-target cross-entropy T^2 * mean_b(-sum_k p_t log p_s), p = softmax(z / T), in fp32.
 
-    This is the official code's value (KL divergence plus the teacher's entropy; same gradient).
+    This is the official ScaleKD code's value (KL divergence plus the teacher's entropy; same gradient), ScaleKD's
+    ``loss_kd``; ``--distiller kd`` uses timm's KL form, ``kl_kd_loss``.
     """
     t = temperature
     log_p_s = F.log_softmax(student_logits.float() / t, dim=-1)
     p_t = F.softmax(teacher_logits.float() / t, dim=-1)
     return -(p_t * log_p_s).sum(-1).mean() * (t * t)
+
+
+def kl_kd_loss(student_logits: torch.Tensor, teacher_logits: torch.Tensor, temperature: float = 1.0) -> torch.Tensor:
+    """timm's logit-distillation loss: T^2 * KL(softmax(z_t / T) || softmax(z_s / T)), batch mean, in fp32 or wider
+    (fp64 stays fp64). It is ``kd_loss`` less T^2 times the teacher's entropy: the same gradient, a smaller value."""
+    t = temperature
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    log_p_s = F.log_softmax(student_logits.to(dtype) / t, dim=-1)
+    log_p_t = F.log_softmax(teacher_logits.to(dtype) / t, dim=-1)
+    return F.kl_div(log_p_s, log_p_t, reduction='batchmean', log_target=True) * (t * t)

@@ -28,12 +28,12 @@ PAPER_IMAGENET = dict(alpha=1.0, beta=2.0, gamma=2.0, tau=1.0)
 def pearson_rows(a: torch.Tensor, b: torch.Tensor, eps: float = 1e-8) -> torch.Tensor:
     """Pearson correlation of each row of ``a`` with the same row of ``b``: (N, D), (N, D) -> (N,).
 
-    A row with no variance has correlation 0 (the denominator is floored at ``eps``; the official code adds ``eps``
-    to it instead, the same value wherever the product of the two norms is far above ``eps``).
+    The denominator is ``|a| |b| + eps``, as in the official code: a row with no variance has correlation 0, and
+    a row whose norm product is near or below ``eps`` (a confident teacher's class column) is shrunk towards 0.
     """
     a = a - a.mean(dim=1, keepdim=True)
     b = b - b.mean(dim=1, keepdim=True)
-    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1)).clamp_min(eps)
+    return (a * b).sum(dim=1) / (a.norm(dim=1) * b.norm(dim=1) + eps)
 
 
 def inter_class_relation(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
@@ -48,9 +48,10 @@ def intra_class_relation(p_s: torch.Tensor, p_t: torch.Tensor) -> torch.Tensor:
 
 def dist_terms(student_logits: torch.Tensor, teacher_logits: torch.Tensor,
                tau: float = 1.0) -> Tuple[torch.Tensor, torch.Tensor]:
-    """The unweighted (inter, intra) DIST terms of two (B, K) logit batches, each times tau^2, in fp32."""
-    p_s = F.softmax(student_logits.float() / tau, dim=1)
-    p_t = F.softmax(teacher_logits.float() / tau, dim=1)
+    """The unweighted (inter, intra) DIST terms of two (B, K) logit batches, each times tau^2, in fp32 or wider."""
+    dtype = torch.promote_types(student_logits.dtype, torch.float32)
+    p_s = F.softmax(student_logits.to(dtype) / tau, dim=1)
+    p_t = F.softmax(teacher_logits.to(dtype) / tau, dim=1)
     return tau * tau * inter_class_relation(p_s, p_t), tau * tau * intra_class_relation(p_s, p_t)
 
 

@@ -20,7 +20,7 @@ import torch.nn.functional as F
 from timm.utils import unwrap_model
 
 from runtime.errors import FatalError
-from .base import DistillTask
+from .base import DistillTask, kl_kd_loss
 from .feature import timm_loss_weights
 from .logit import KDTask
 
@@ -29,13 +29,10 @@ DISTILL_TYPES = ('soft', 'hard')
 
 def token_loss(dist_logits: torch.Tensor, teacher_logits: torch.Tensor, distill_type: str = 'soft',
                temperature: float = 1.0) -> torch.Tensor:
-    """The distillation head's loss, as timm's TokenDistillationTask computes it (fp32 here)."""
+    """The distillation head's loss, as timm's TokenDistillationTask computes it (in fp32 or wider here)."""
     if distill_type == 'hard':
         return F.cross_entropy(dist_logits.float(), teacher_logits.argmax(dim=-1))
-    t = temperature
-    log_p_s = F.log_softmax(dist_logits.float() / t, dim=-1)
-    log_p_t = F.log_softmax(teacher_logits.float() / t, dim=-1)
-    return F.kl_div(log_p_s, log_p_t, reduction='batchmean', log_target=True) * (t * t)
+    return kl_kd_loss(dist_logits, teacher_logits, temperature)
 
 
 def check_token_student(student: nn.Module) -> None:

@@ -16,6 +16,7 @@ from runtime.errors import FatalError
 from .base import TEACHER_MODES
 from .dist import PAPER_IMAGENET as DIST_PAPER
 from .distill_token import DISTILL_TYPES as TOKEN_TYPES
+from .feature import timm_loss_weights
 from . import DISTILLERS
 
 
@@ -42,10 +43,13 @@ def add_distill_args(parser: argparse.ArgumentParser) -> None:
                             'trained on other classes than the data\'s (--distiller scalekd drops its KD term; '
                             '--distiller feature uses no logits anyway). Default: a head that does not fit the data '
                             'stops the run before step 0')
-    group.add_argument('--kd-temperature', type=float, default=1.0, metavar='T',
-                       help='temperature of the logit terms: kd, dist (its tau) and token soft (default: 1.0)')
-    group.add_argument('--kd-weight', type=float, default=0.5, metavar='W',
-                       help='logit KD weight; the student loss gets 1 - W (default: 0.5)')
+    group.add_argument('--kd-temperature', type=float, default=None, metavar='T',
+                       help='temperature of the logit terms: kd, dist (its tau) and token soft (default: 1.0; 4.0, '
+                            'timm\'s, when the teacher is named by --kd-model-name for kd / feature / token)')
+    group.add_argument('--kd-weight', type=float, default=None, metavar='W',
+                       help='logit KD weight of kd and scalekd; the student loss gets 1 - W. Not with '
+                            '--distill-loss-weight / --task-loss-weight (default: 0.5; with --kd-model-name and no '
+                            'weight flag, timm\'s 1.0 and 1.0)')
     # DIST (Huang et al., NeurIPS 2022): the paper's ImageNet weights; its tau is --kd-temperature
     for name, what in (('alpha', 'student loss'), ('beta', 'inter-class relation'), ('gamma', 'intra-class relation')):
         group.add_argument(f'--dist-{name}', type=float, default=DIST_PAPER[name], metavar='W',
@@ -117,15 +121,15 @@ def task_kwargs(args: argparse.Namespace, img_size: Tuple[int, int]) -> Dict[str
         task_w, distill_w = loss_weights(args)
         if args.teacher_features_only:  # no logit term: the student loss at 1.0 unless --task-loss-weight says
             task_w, distill_w = (1.0 if args.task_loss_weight is None else args.task_loss_weight), 0.0
-        kw.update(kd_weight=distill_w, task_weight=task_w, kd_temperature=args.kd_temperature)
+        kw.update(kd_weight=distill_w, task_weight=task_w, kd_temperature=kd_temperature(args))
     if args.distiller == 'dist':
         kw.update(dist_alpha=args.dist_alpha, dist_beta=args.dist_beta, dist_gamma=args.dist_gamma,
-                  kd_temperature=args.kd_temperature)
+                  kd_temperature=kd_temperature(args))
     elif args.distiller in ('feature', 'token'):
         # timm's own tasks apply timm's weight rules (neither flag: both 1.0)
         kw.update(distill_loss_weight=args.distill_loss_weight, task_loss_weight=args.task_loss_weight)
         if args.distiller == 'token':
-            kw.update(distill_type=args.token_distill_type, kd_temperature=args.kd_temperature)
+            kw.update(distill_type=args.token_distill_type, kd_temperature=kd_temperature(args))
     elif args.distiller == 'scalekd':
         kw.update(img_size=img_size, student_s3=args.scalekd_student_s3, student_s4=args.scalekd_student_s4,
                   alpha_s3=args.scalekd_alpha_s3, alpha_s4=args.scalekd_alpha_s4, heads_s3=args.scalekd_heads_s3,
@@ -147,6 +151,7 @@ def criterion_kwargs(args):
 def check_distill_args(parser_error, args: argparse.Namespace) -> None:
     """Distillation flags that contradict each other stop at parse time (``parser_error`` exits)."""
     resolve_timm_kd_args(parser_error, args)
+    resolve_kd_settings(parser_error, args)
     if args.distiller != 'none' and not args.teacher:
         parser_error(f'--distiller {args.distiller} needs a teacher: pass --teacher NAME (and --teacher-checkpoint '
                      f'PATH for local weights)')
@@ -204,23 +209,90 @@ def add_timm_kd_args(parser: argparse.ArgumentParser) -> None:
                        help="logit distillation loss; timm's only choice, accepted for its command lines "
                             "(default: kl)")
     group.add_argument('--distill-loss-weight', default=None, type=float, metavar='W',
-                       help="weight of the distillation term; alone, the student loss keeps weight 1.0 (timm's rule) "
-                            "(default: --kd-weight)")
+                       help="weight of the distillation term; alone, the student loss keeps weight 1.0 (timm's rule); "
+                            "not with --kd-weight")
     group.add_argument('--task-loss-weight', default=None, type=float, metavar='W',
                        help='weight of the student loss; alone, the distillation term gets 1 - W; with '
-                            '--distill-loss-weight both are independent (default: 1 - --kd-weight)')
+                            '--distill-loss-weight both are independent; not with --kd-weight')
+    for role in ('student', 'teacher'):
+        group.add_argument(f'--kd-{role}-feature-dim', type=int, default=None, metavar='N',
+                           help=f"--distiller feature: the {role}'s pooled feature width, as timm's flag; checked "
+                                f"against the model's before step 0 (default: read from the model)")
+
+
+# the logit-KD settings no flag and no recipe sets: this project's (ScaleKD's), and timm train.py's (temperature 4.0;
+# weights 1.0 and 1.0, timm's rule with neither weight flag: distillers.feature.timm_loss_weights)
+PROJECT_KD_TEMPERATURE, PROJECT_KD_WEIGHT = 1.0, 0.5
+TIMM_KD_TEMPERATURE = 4.0
+KD_WEIGHT_USERS = ('kd', 'scalekd')  # the distillers --kd-weight applies to
+
+
+def timm_defaults(args: argparse.Namespace) -> bool:
+    """True when unset KD settings take timm train.py's defaults: the teacher is named with timm's spelling
+    (--kd-model-name) and the distiller is one of timm's tasks (kd = timm's logit, feature, token)."""
+    return bool(getattr(args, 'kd_model_name', None)) and args.distiller in TIMM_DISTILL_TYPES.values()
+
+
+def kd_temperature(args: argparse.Namespace) -> float:
+    """The temperature of the logit terms: --kd-temperature, else 4.0 (timm_defaults) or 1.0."""
+    if args.kd_temperature is not None:
+        return args.kd_temperature
+    return TIMM_KD_TEMPERATURE if timm_defaults(args) else PROJECT_KD_TEMPERATURE
 
 
 def loss_weights(args: argparse.Namespace) -> Tuple[float, float]:
-    """(student-loss weight, distillation weight) with timm's rules: both flags set -> both as given; only
-    --distill-loss-weight -> (1.0, it); only --task-loss-weight W -> (W, 1 - W); neither -> this project's
-    --kd-weight K -> (1 - K, K)."""
-    task_w, distill_w = args.task_loss_weight, args.distill_loss_weight
-    if distill_w is not None:
-        return (task_w if task_w is not None else 1.0), distill_w
-    if task_w is not None:
-        return task_w, 1.0 - task_w
-    return 1.0 - args.kd_weight, args.kd_weight
+    """(student-loss weight, distillation weight) of kd and scalekd: --kd-weight K -> (1 - K, K); else timm's rules:
+    both --distill-loss-weight and --task-loss-weight -> as given; only --distill-loss-weight -> (1.0, it); only
+    --task-loss-weight W -> (W, 1 - W). Nothing set: (0.5, 0.5), or timm's (1.0, 1.0) under ``timm_defaults``."""
+    task_w, distill_w, kd_w = args.task_loss_weight, args.distill_loss_weight, args.kd_weight
+    if kd_w is None and task_w is None and distill_w is None and not timm_defaults(args):
+        kd_w = PROJECT_KD_WEIGHT
+    if kd_w is not None:
+        return 1.0 - kd_w, kd_w
+    return timm_loss_weights(distill_w, task_w)
+
+
+def resolve_kd_settings(parser_error, args: argparse.Namespace) -> None:
+    """Refuse weight flags that contradict or that the distiller does not use (a recipe key counts as set), then
+    write the effective temperature (and --kd-weight where it is the default) into ``args``, so the checkpoint's
+    args and the resume check hold what is trained. args.yaml keeps the requested (unset) values; they resolve
+    the same way when it is loaded again. Idempotent."""
+    kd_w = args.kd_weight
+    pair = [f for f, v in (('--distill-loss-weight', args.distill_loss_weight),
+                           ('--task-loss-weight', args.task_loss_weight)) if v is not None]
+    if kd_w is not None and pair:
+        parser_error(f"--kd-weight {kd_w:g} and {' and '.join(pair)} both set the loss weights (on the command line "
+                     f"or in the recipe); keep --kd-weight W (student loss 1 - W) or timm's "
+                     f"--distill-loss-weight / --task-loss-weight, not both")
+    if kd_w is not None and args.distiller not in KD_WEIGHT_USERS:
+        why = {'none': 'nothing is distilled without a teacher (pass --kd-model-name NAME for logit KD)',
+               'dist': 'DIST weighs its terms with --dist-alpha (student loss), --dist-beta and --dist-gamma',
+               }.get(args.distiller, "timm's task weighs its terms with --distill-loss-weight / --task-loss-weight")
+        parser_error(f"--kd-weight {kd_w:g} (or the recipe key 'kd_weight') is not used by --distiller "
+                     f"{args.distiller}: {why}; drop it (it applies to --distiller kd and scalekd)")
+    dims = [f'--kd-{r}-feature-dim' for r in ('student', 'teacher') if getattr(args, f'kd_{r}_feature_dim') is not None]
+    if dims and args.distiller != 'feature':
+        parser_error(f"{' / '.join(dims)} only apply to --distiller feature (timm's --kd-distill-type feature), "
+                     f"whose projection maps the student's pooled width onto the teacher's; --distiller "
+                     f"{args.distiller} has no such projection: drop the flag")
+    args.kd_temperature = kd_temperature(args)
+    if args.distiller in KD_WEIGHT_USERS and kd_w is None and not pair and not timm_defaults(args):
+        args.kd_weight = PROJECT_KD_WEIGHT
+
+
+def describe_kd_settings(args: argparse.Namespace) -> str:
+    """One start-up line: the effective temperature and loss weights, and which defaults filled what is unset."""
+    if args.distiller == 'none':
+        return ''
+    source = "timm train.py's" if timm_defaults(args) else "this project's"
+    if args.distiller == 'dist':
+        weights = f'alpha {args.dist_alpha:g}, beta {args.dist_beta:g}, gamma {args.dist_gamma:g}'
+    else:
+        task_w, distill_w = loss_weights(args) if args.distiller in KD_WEIGHT_USERS else \
+            timm_loss_weights(args.distill_loss_weight, args.task_loss_weight)
+        weights = f'student loss weight {task_w:g}, distillation weight {distill_w:g}'
+    temp = '' if args.distiller == 'feature' else f'temperature {kd_temperature(args):g}, '
+    return f'--distiller {args.distiller}: {temp}{weights}; values not set take {source} defaults'
 
 
 def resolve_timm_kd_args(parser_error, args: argparse.Namespace) -> None:

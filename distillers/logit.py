@@ -4,12 +4,13 @@ from typing import Dict, Optional
 import torch
 import torch.nn as nn
 
-from .base import DistillTask, kd_loss
+from .base import DistillTask, kl_kd_loss
 
 
 class KDTask(DistillTask):
-    """loss = task_weight * student loss + kd_weight * T^2 * softCE(teacher, student); task_weight defaults
-    to 1 - kd_weight.
+    """loss = task_weight * student loss + kd_weight * T^2 * KL(teacher || student), timm's
+    ``LogitDistillationTask`` loss; task_weight defaults to 1 - kd_weight. (ScaleKD's ``loss_kd`` is the official
+    code's soft-target cross-entropy, ``kd_loss``: the same gradient, a value larger by the teacher's entropy.)
 
     Returns the weighted ``loss``, the student ``output`` and the unweighted ``loss_cls`` and
     ``loss_kd``.
@@ -34,6 +35,6 @@ class KDTask(DistillTask):
             teacher_logits = self.teacher(self.teacher_input(input))
         logits = self.trainable_module(input)
         loss_cls = self.criterion(logits, target)
-        loss_kd = kd_loss(logits, teacher_logits, self.kd_temperature)
+        loss_kd = kl_kd_loss(logits, teacher_logits, self.kd_temperature)
         loss = self.loss_weights['loss_cls'] * loss_cls + self.loss_weights['loss_kd'] * loss_kd
         return {'loss': loss, 'output': logits, 'loss_cls': loss_cls, 'loss_kd': loss_kd}

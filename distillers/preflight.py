@@ -1,5 +1,5 @@
 """Model pre-flight of train_kd.py: the student and the teacher take their input sizes, and a ScaleKD pair
-yields the feature grids the projectors need; otherwise one FatalError naming the models and the shapes.
+yields the feature grids the projectors need, and timm's feature widths match the models; otherwise one FatalError naming the models and the shapes.
 
 Runs once the models exist and before the task, the loaders or the run folder (``runtime.preflight`` checks
 the flags and the data before that).
@@ -11,6 +11,7 @@ import torch
 import torch.nn as nn
 
 from distillers import build_task
+from distillers.feature import pooled_width
 from models.features import resolve_student_taps
 from models.tails import TeacherTail
 from runtime.errors import FatalError, short
@@ -33,6 +34,22 @@ def check_models(args, student: nn.Module, teacher: Optional[nn.Module], img_siz
         check_model_input(teacher, args.teacher, (in_chans, *size), 'teacher',
                           'Pass --teacher-img-size N, the size it was built and trained for (the student batch is '
                           'resized to it), or build it for this size with --teacher-kwargs img_size=N')
+
+
+def check_feature_dims(args, student: nn.Module, teacher: Optional[nn.Module]) -> None:
+    """timm's --kd-student-feature-dim / --kd-teacher-feature-dim (--distiller feature) must be the models' pooled
+    widths (timm sizes the projection from them; a wrong one fails only inside the first step)."""
+    if args.distiller != 'feature' or teacher is None:
+        return
+    for role, model, name in (('student', student, args.model), ('teacher', teacher, args.teacher)):
+        given = getattr(args, f'kd_{role}_feature_dim', None)
+        if given is None:
+            continue
+        width = pooled_width(model, role)
+        if given != width:
+            raise FatalError(f"--kd-{role}-feature-dim {given} does not match the {role} {name}, whose pooled "
+                             f"pre-logits features are {width} wide; pass --kd-{role}-feature-dim {width} or drop the "
+                             f"flag (the width is read from the model)")
 
 
 def describe_scalekd_pair(args, student: nn.Module, teacher: nn.Module, img_size: Tuple[int, int]) -> str:
@@ -94,6 +111,7 @@ def settle_models(args, student: nn.Module, teacher: Optional[nn.Module], img_si
     if teacher is not None and args.distributed and not args.teacher_checkpoint:
         broadcast_module(teacher, device)
     check_models(args, student, teacher, img_size, in_chans)
+    check_feature_dims(args, student, teacher)
 
 
 def checked_build_task(args, size: Tuple[int, int], name: str, student: nn.Module, teacher: Optional[nn.Module], /,

@@ -87,6 +87,8 @@ FLAG_DOMAINS = {
     'kd_weight': ('float', 0, 1, 'logit KD weight (the student loss gets 1 - W)'),
     'distill_loss_weight': ('float', 0, None, 'weight of the distillation term'),
     'task_loss_weight': ('float', 0, None, 'weight of the student loss'),
+    'kd_student_feature_dim': ('int', 1, None, "student's pooled feature width"),
+    'kd_teacher_feature_dim': ('int', 1, None, "teacher's pooled feature width"),
     'dist_alpha': ('float', 0, None, 'DIST student loss weight'),
     'dist_beta': ('float', 0, None, 'DIST inter-class relation weight'),
     'dist_gamma': ('float', 0, None, 'DIST intra-class relation weight'),

@@ -21,7 +21,7 @@ from config import load_recipe
 from distillers import build_task
 from distillers.dist import dist_terms, inter_class_relation, intra_class_relation, pearson_rows
 from distillers.feature import timm_loss_weights
-from distillers.flags import criterion_kwargs, task_kwargs
+from distillers.flags import check_distill_args, criterion_kwargs, task_kwargs
 from runtime.checkpoint import load_weights_only
 from runtime.errors import FatalError
 
@@ -87,6 +87,33 @@ def test_relations_invariances_and_perfect_agreement():
     # perfect agreement: both terms vanish
     assert [v.item() for v in dist_terms(z_s, z_s.clone(), 1.0)] == pytest.approx([0.0, 0.0], abs=1e-6)
     assert inter_class_relation(p_s, p_s * 2 + 1).item() == pytest.approx(0.0, abs=1e-6)
+
+
+def test_dist_divides_by_the_norm_product_plus_eps_as_the_official_code():
+    """A confident teacher (margin 17): many class columns have |a| |b| near or below eps = 1e-8, where the official
+    ``/ (|a| |b| + eps)`` and a floor ``/ max(|a| |b|, eps)`` differ. The term and its gradient are the official
+    form's (fp64, a hand-written reference), measurably away from the floor's."""
+    g = torch.Generator().manual_seed(0)
+    z_t = torch.randn(8, 10, generator=g, dtype=torch.float64)
+    z_t[torch.arange(8), torch.arange(8) % 3] += 17.0  # 7 of the 10 classes are nobody's top-1
+    z_s = (torch.randn(8, 10, generator=g, dtype=torch.float64) * 2).requires_grad_()
+
+    def intra(p_s, p_t, floor):
+        a, b = p_s.t() - p_s.t().mean(1, keepdim=True), p_t.t() - p_t.t().mean(1, keepdim=True)
+        norms = a.norm(dim=1) * b.norm(dim=1)
+        return 1 - ((a * b).sum(1) / (norms.clamp_min(1e-8) if floor else norms + 1e-8)).mean()
+
+    p_s, p_t = F.softmax(z_s, dim=1), F.softmax(z_t, dim=1)
+    official, floored = intra(p_s, p_t, False), intra(p_s, p_t, True)
+    got = dist_terms(z_s, z_t, 1.0)[1]
+    assert got.dtype == torch.float64
+    assert got.item() == pytest.approx(official.item(), rel=1e-12)
+    assert abs(floored.item() - official.item()) > 2e-3 * official.item()  # the two forms differ here
+    grad_got, = torch.autograd.grad(got, z_s, retain_graph=True)
+    grad_official, = torch.autograd.grad(official, z_s, retain_graph=True)
+    grad_floored, = torch.autograd.grad(floored, z_s)
+    assert torch.allclose(grad_got, grad_official, rtol=1e-10, atol=1e-15)
+    assert (grad_floored - grad_official).norm() > 0.1 * grad_official.norm()
 
 
 def test_dist_task_weights_its_terms_and_trains_the_student():
@@ -287,6 +314,7 @@ def test_baseline_recipe_builds_its_task_at_224(name, one_thread):
     parser = train_kd.build_parser()
     parser.set_defaults(**load_recipe(path, parser))
     args = parser.parse_args([])
+    check_distill_args(parser.error, args)  # no weight the distiller does not use (a recipe key counts as set)
     text = open(path).read()
     assert args.distiller == BASELINE_RECIPES[name] and args.teacher.startswith('swin_large')
     assert 'kd_temperature:' in text  # set explicitly: this project's default (1.0) is not timm's train.py's (4.0)

@@ -232,6 +232,8 @@ def test_every_numeric_flag_refuses_values_outside_its_domain(env, caplog, capsy
         extra = []
         if dest.startswith('scalekd_') or dest in ('kd_temperature', 'kd_weight', 'teacher_img_size'):
             extra = ['--distiller', 'kd', '--teacher', 'scalekd_demo_vit', '--teacher-checkpoint', env[2]]
+        elif dest in ('kd_student_feature_dim', 'kd_teacher_feature_dim'):  # refused for any other distiller
+            extra = ['--distiller', 'feature', '--teacher', 'scalekd_demo_vit', '--teacher-checkpoint', env[2]]
         for v in _invalid_values(kind, low, high):
             caplog.clear()
             argv = _argv(root, data, *extra, flag, *([_fmt(v)] * n))

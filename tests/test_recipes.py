@@ -23,7 +23,7 @@ import models  # noqa: F401  registers the paper's students
 import train_kd
 from config import load_recipe
 from distillers import build_task
-from distillers.flags import criterion_kwargs, task_kwargs
+from distillers.flags import check_distill_args, criterion_kwargs, loss_weights, task_kwargs
 
 torch.set_num_threads(2)
 
@@ -81,6 +81,23 @@ def test_recipe_loads_and_names_timm_models(path):
         assert timm.is_model(arch), f'{path}: teacher {args.teacher} is not a registered timm model'
         if tag:  # a hub tag must exist, since train_kd.py downloads it when no --teacher-checkpoint is given
             assert args.teacher in timm.list_pretrained(arch + '*'), f'{path}: no pretrained tag {args.teacher}'
+
+
+@pytest.mark.parametrize('path', sorted(glob.glob(os.path.join(RECIPE_DIR, '*.yaml'))),
+                         ids=lambda p: os.path.basename(p)[:-5])
+def test_recipe_passes_the_distillation_checks_and_runs_without_its_teacher(path, capsys):
+    """No recipe sets a weight its distiller does not use (a recipe key counts as set); the no-teacher baseline
+    runs on every recipe but the one whose ScaleKD setting is kd_weight 0."""
+    parser = train_kd.build_parser()
+    parser.set_defaults(**load_recipe(path, parser))
+    check_distill_args(parser.error, parser.parse_args([]))
+    baseline = parser.parse_args(['--distiller', 'none', '--teacher', ''])
+    if os.path.basename(path) == 'swins_r50_trad.yaml':
+        with pytest.raises(SystemExit):
+            check_distill_args(parser.error, baseline)
+        assert "'kd_weight') is not used by --distiller none" in capsys.readouterr().err
+    else:
+        check_distill_args(parser.error, baseline)
 
 
 @pytest.mark.parametrize('name', list(PAPER))
@@ -208,7 +225,8 @@ def test_paper_recipe_builds_and_steps(name):
         f'loss_{s}{suffix}' for s, a in (('s3', args.scalekd_alpha_s3), ('s4', args.scalekd_alpha_s4))
         for i, suffix in enumerate(('', '_alt')) if a[i]}
     assert set(task.loss_weights) == expect_terms
-    assert task.loss_weights['loss_cls'] == pytest.approx(1 - args.kd_weight)
+    assert (task.loss_weights['loss_cls'], task.loss_weights['loss_kd']) == pytest.approx(loss_weights(args))
+    assert task.loss_weights['loss_kd'] == (0.0 if name == 'swins_r50_trad' else 0.5)  # the recipe's, or the default
     assert torch.isfinite(out['loss'])
 
     out['loss'].backward()
