@@ -20,7 +20,6 @@ import random
 import warnings
 from typing import Any, Dict
 
-import numpy as np
 import torch
 import torch.nn as nn
 
@@ -115,7 +114,8 @@ def _schedule_rules(args: Any) -> None:
                              f'fraction such as 0.2')
         if decay < 1 and not args.sched_on_updates and round(decay * length) < 1:
             raise FatalError(f'--decay-epochs {decay:g} is a fraction of the {length} stable and decay epochs of '
-                             f'--sched {sched} ({span}) that rounds to 0 epochs; pass at least {1 / length:.3g} (one epoch)')
+                             f'--sched {sched} ({span}) that rounds to 0 epochs; pass at least {1 / length:.3g} '
+                             f'(one epoch)')
         if sched == 'rsqrt' and warmup == 0:
             raise FatalError('--sched rsqrt scales the lr by (1 + t / --warmup-epochs) ** -0.5, which needs '
                              '--warmup-epochs >= 1; pass e.g. --warmup-epochs 5, or --sched wsd')
@@ -234,7 +234,7 @@ def check_optim_sched(args: Any) -> None:
     info = get_optimizer_info(_opt_name(args.opt))  # unknown names: check_train_choices
     _optimizer_rules(args, info)
     _schedule_rules(args)
-    py_state, np_state = random.getstate(), np.random.get_state()
+    py_state = random.getstate()  # torch's through fork_rng; numpy's is not used by timm.optim / timm.scheduler
     try:
         with torch.random.fork_rng(devices=[]):
             if not isinstance(info.opt_class, str):
@@ -242,4 +242,3 @@ def check_optim_sched(args: Any) -> None:
             _build_schedule(args)
     finally:
         random.setstate(py_state)
-        np.random.set_state(np_state)

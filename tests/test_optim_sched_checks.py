@@ -20,7 +20,8 @@ from conftest import make_image_folder
 from runtime import optim_checks
 from runtime.errors import FatalError
 from runtime.optim_checks import check_optim_sched
-from runtime.preflight import SCHEDULERS
+from runtime.flag_domains import check_numeric_flags
+from runtime.preflight import SCHEDULERS, check_train_choices
 
 
 def _args(*extra):
@@ -96,6 +97,9 @@ BAD = [
 
 @pytest.mark.parametrize('flags,expect,timm_rejects', BAD, ids=[b[0] for b in BAD])
 def test_bad_combination_is_refused(flags, expect, timm_rejects):
+    args = _args(*flags.split())
+    check_numeric_flags(args)  # each passed the pre-flight as it was: a new refusal
+    check_train_choices(args)
     msg = _refusal(*flags.split())
     assert expect in msg, msg
     assert msg.startswith('--'), msg  # the message opens with the flag at fault
@@ -123,7 +127,8 @@ def test_every_timm_optimizer_with_default_flags_is_accepted(prefix):
         except FatalError as e:
             refused[name] = str(e)
         if isinstance(info.opt_class, str):  # apex / bitsandbytes: need CUDA and their package
-            assert 'needs CUDA' in refused.pop(name, '') or not torch.cuda.is_available(), name
+            msg = refused.pop(name, '')
+            assert 'needs CUDA' in msg if not torch.cuda.is_available() else 'package' in msg or not msg, name
         elif info.second_order:  # adahessian: train_kd.py keeps no backward graph
             assert 'second-order' in refused.pop(name, ''), name
     assert refused == {}, refused
@@ -144,13 +149,15 @@ def test_every_scheduler_with_default_flags_is_accepted(sched, on_updates):
 
 def test_good_corner_cases_are_accepted():
     for flags in ('--opt momentum --momentum 0', '--opt sgd --momentum 0 --opt-kwargs nesterov=False',
-                  '--opt adafactor --opt-betas 0.9', '--opt adafactor --opt-betas 0.9 0.999', '--opt adamw --opt-kwargs amsgrad=True',
+                  '--opt adafactor --opt-betas 0.9', '--opt adafactor --opt-betas 0.9 0.999',
+                  '--opt adamw --opt-kwargs amsgrad=True',
                   '--opt adamw --opt-kwargs fused=True', '--opt sgd --opt-eps 1e-8',
                   '--sched wsd --epochs 50 --warmup-epochs 5 --decay-epochs 45.4',
                   '--sched wsd --epochs 5 --warmup-epochs 5 --warmup-prefix --decay-epochs 0.2',
                   '--sched wsd --epochs 10 --warmup-epochs 5 --decay-epochs 0.05 --sched-on-updates',
                   '--sched cosine --epochs 10 --lr-cycle-mul 0.5 --lr-cycle-limit 3 --warmup-epochs 0',
-                  '--sched cosine --epochs 10 --lr-cycle-mul 2 --lr-cycle-limit 3', '--sched none --lr-noise 0.6 0.4',
+                  '--sched cosine --epochs 10 --lr-cycle-mul 2 --lr-cycle-limit 3',
+                  '--sched none --lr-noise 0.6 0.4',
                   '--sched step --decay-rate 2', '--lr-base 0.5 --layer-decay 0.75', '--lr 0.1 --lr-base-scale sqrt'):
         check_optim_sched(_args(*flags.split()))
 
