@@ -30,6 +30,51 @@ class RecipeError(ValueError):
     """A recipe file that cannot be used as it is; the message says what to change."""
 
 
+class _DuplicateKey(Exception):
+    def __init__(self, key: Any, where: str, first: int, second: int):
+        super().__init__(key, where, first, second)
+        self.key, self.where, self.first, self.second = key, where, first, second
+
+
+class _UniqueKeyLoader(yaml.SafeLoader):
+    """SafeLoader that refuses a key given twice in one mapping (PyYAML keeps the later value silently).
+
+    The composed node tree is walked once before any value is built: every mapping's explicit keys are compared,
+    and the mapping is named by its place ('the top level', "section 'optim'", "'model_kwargs' in section
+    'model'"). Keys brought in by a YAML merge (``<<: *anchor``) may still be overridden, as YAML allows.
+    """
+
+    def construct_document(self, node):
+        self._check_keys(node, (), set())
+        return super().construct_document(node)
+
+    @staticmethod
+    def _where(path) -> str:
+        if not path:
+            return 'at the top level'
+        outer = f"section '{path[0]}'" if path[0] in SECTIONS else f"'{path[0]}'"
+        inner = "' in '".join(str(p) for p in reversed(path[1:]))
+        return f"in '{inner}' in {outer}" if inner else f'in {outer}'
+
+    def _check_keys(self, node, path, visited) -> None:
+        if id(node) in visited:  # an alias met again (or a recursive one)
+            return
+        visited.add(id(node))
+        if isinstance(node, yaml.SequenceNode):
+            for i, item in enumerate(node.value):
+                self._check_keys(item, path + (f'item {i + 1}',), visited)
+        if not isinstance(node, yaml.MappingNode):
+            return
+        seen = {}
+        for key_node, value_node in node.value:
+            if isinstance(key_node, yaml.ScalarNode) and key_node.tag != 'tag:yaml.org,2002:merge':
+                key, line = self.construct_object(key_node), key_node.start_mark.line + 1
+                if key in seen:
+                    raise _DuplicateKey(key, self._where(path), seen[key], line)
+                seen[key] = line
+            self._check_keys(value_node, path + (getattr(key_node, 'value', '?'),), visited)
+
+
 def _actions_by_dest(parser: argparse.ArgumentParser) -> Dict[str, argparse.Action]:
     return {a.dest: a for a in parser._actions if a.dest not in (argparse.SUPPRESS, 'help')}
 
@@ -114,7 +159,10 @@ def read_recipe(path: str) -> Dict[str, Any]:
     except OSError as e:
         raise RecipeError(f"recipe file '{path}' cannot be read ({e.strerror}); check its permissions") from None
     try:
-        raw = yaml.safe_load(text)
+        raw = yaml.load(text, Loader=_UniqueKeyLoader)
+    except _DuplicateKey as e:
+        lines = f'line {e.first}' if e.first == e.second else f'lines {e.first} and {e.second}'
+        raise RecipeError(f"recipe '{path}': key '{e.key}' is set twice {e.where} ({lines}); keep one") from None
     except yaml.YAMLError as e:
         raise RecipeError(f"recipe file '{path}' is not valid YAML: {' '.join(str(e).split())}; fix it or pass "
                           f"a recipe such as recipes/swinl_r50.yaml") from None

@@ -7,6 +7,7 @@ models exist (still before the run folder is touched).
 
 * ``check_numeric_flags`` (``flag_domains``): every numeric flag in its domain, finite.
 * ``check_train_choices``: names (optimizer, scheduler, metric, clip mode, device), input files and model keywords.
+* ``check_optim_sched`` (``optim_checks``): the optimizer and the LR schedule can be built and run with the flags.
 * ``check_output_path`` / ``check_output_file``: the run folder / an output file can be created
   (no file in the way, a writable existing ancestor), without creating anything.
 * ``check_model_input``: a model takes the input size it will get (one dry forward, RNG untouched).
@@ -19,6 +20,7 @@ import torch.nn as nn
 
 from .errors import FatalError, short
 from .flag_domains import check_numeric_flags
+from .optim_checks import check_optim_sched
 
 
 def _existing_ancestor(path: str) -> Tuple[str, Optional[str]]:
@@ -97,11 +99,13 @@ def check_model_input(model: nn.Module, name: str, input_size: Sequence[int], ro
 
 def check_train_inputs(args: Any) -> None:
     """train_kd.py's pre-flight, before the process group, the data loaders and the run folder exist: numeric
-    flags, the run folder, the ImageFolder splits (against the batch size and the process count)."""
+    flags, names, the optimizer and schedule, the run folder, the ImageFolder splits (against the batch size and
+    the process count)."""
     from .data import check_data_dir
     from .splits import check_splits
     check_numeric_flags(args)
     check_train_choices(args)
+    check_optim_sched(args)
     check_output_path(os.path.join(args.output or './output/train', args.experiment or ''))
     if args.dataset:
         return

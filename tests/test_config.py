@@ -83,3 +83,41 @@ def test_cli_reports_recipe_error_and_exits(tmp_path, capsys):
         train_kd.main(['--config', path, '--data-dir', str(tmp_path)])
     assert e.value.code == 2
     assert "unknown key 'modle'" in capsys.readouterr().err
+
+
+@pytest.mark.parametrize('name,text,where,lines', [
+    ('r.yaml', 'model: {model: resnet18}\noptim:\n  lr: 0.1\n  momentum: 0.9\n  lr: 0.2\n',
+     "key 'lr' is set twice in section 'optim'", 'lines 3 and 5'),
+    ('args.yaml', 'epochs: 3\nlr: 0.1\nsmoothing: 0.1\nlr: 0.2\n', "key 'lr' is set twice at the top level",
+     'lines 2 and 4'),
+    ('r.yaml', 'model:\n  model_kwargs:\n    drop_rate: 0.1\n    drop_rate: 0.2\n',
+     "key 'drop_rate' is set twice in 'model_kwargs' in section 'model'", 'lines 3 and 4'),
+    ('r.yaml', 'model_kwargs: {drop_rate: 0.1, drop_rate: 0.2}\n', "key 'drop_rate' is set twice in 'model_kwargs'",
+     'line 1'),
+    ('r.yaml', 'optim: {lr: 0.1}\nsched: {sched: cosine}\noptim: {momentum: 0.9}\n',
+     "key 'optim' is set twice at the top level", 'lines 1 and 3'),
+])
+def test_key_twice_in_one_mapping(tmp_path, name, text, where, lines):
+    """PyYAML keeps the later value of a repeated key silently; the loader stops with the file, key and lines."""
+    path = _write(tmp_path, text, name)
+    with pytest.raises(RecipeError) as e:
+        load_recipe(path, train_kd.build_parser())
+    assert str(e.value) == f"recipe '{path}': {where} ({lines}); keep one"
+
+
+def test_key_twice_stops_train_and_validate(tmp_path, capsys, caplog):
+    import validate
+    path = _write(tmp_path, 'model: resnet18\nnum_classes: 3\nnum_classes: 4\n', 'args.yaml')
+    with pytest.raises(SystemExit) as e:
+        train_kd.main(['--config', path, '--data-dir', str(tmp_path)])
+    assert e.value.code == 2
+    assert "key 'num_classes' is set twice at the top level (lines 2 and 3)" in capsys.readouterr().err
+    assert validate.main(['--config', path, '--data-dir', str(tmp_path)]) == 2
+    assert "key 'num_classes' is set twice at the top level (lines 2 and 3)" in caplog.records[-1].getMessage()
+
+
+def test_merge_keys_may_override(tmp_path):
+    """A YAML merge (<<: *anchor) followed by an explicit key is an override, not a key given twice."""
+    path = _write(tmp_path, 'model_kwargs: &kw {drop_rate: 0.1}\nteacher_kwargs: {<<: *kw, drop_rate: 0.2}\n')
+    out = load_recipe(path, train_kd.build_parser())
+    assert out['model_kwargs'] == {'drop_rate': 0.1} and out['teacher_kwargs'] == {'drop_rate': 0.2}
