@@ -55,7 +55,7 @@ from runtime.rng import get_rng_state, set_rng_state
 from runtime.runlock import hold_run_lock, release_run_lock
 from runtime.saver import RunSaver
 from runtime.signals import install_signal_handlers, stop_requested
-from validate import validate_task
+from validate import check_teacher, validate_task
 
 _logger = logging.getLogger('train')
 
@@ -337,6 +337,9 @@ def train_joint(args, runs: List[StudentRun]) -> int:
     if utils.is_primary(args):
         _logger.info(f'Joint run: {len(runs)} students, one teacher forward per batch; scheduled epochs: {num_epochs}, '
                      f'{updates_per_epoch} updates per epoch.')
+    if args.teacher_min_top1 is not None:  # the one teacher, checked once
+        check_teacher(next(r.task for r in runs if r.args.distiller != 'none'), loader_eval, args, device,
+                      amp_autocast, logger=_logger)
 
     restore_signal_handlers = install_signal_handlers()
     timer = StepTimer(start_epoch * updates_per_epoch + resume_batch // args.grad_accum_steps,

@@ -368,7 +368,7 @@ def test_unknown_model_and_teacher_names(assets, tmp_path, caplog, capsys):
         train_kd.main(_argv(assets, tmp_path, 'x', '--model', 'resnet_made_up'))
     assert e.value.code == 2 and "unknown --model 'resnet_made_up'" in capsys.readouterr().err
     rc = train_kd.main(_argv(assets, tmp_path, 'x', '--distiller', 'kd', '--teacher', 'vit_made_up'))
-    assert rc == 2 and "unknown teacher model 'vit_made_up'" in caplog.text
+    assert rc == 2 and "unknown --teacher 'vit_made_up'" in caplog.text
 
 
 def test_teacher_checkpoint_that_does_not_fit(assets, tmp_path, caplog):
