@@ -422,6 +422,41 @@ def _student_backward(r: StudentRun, loss, terms, need_update: bool, num_updates
     return False
 
 
+def torch_rng() -> dict:
+    """The torch RNG state (CPU, and every CUDA device): what drop-path and dropout draw from."""
+    state = {'cpu': torch.get_rng_state()}
+    if torch.cuda.is_available():
+        state['cuda'] = torch.cuda.get_rng_state_all()
+    return state
+
+
+def set_torch_rng(state: dict) -> None:
+    torch.set_rng_state(state['cpu'])
+    if 'cuda' in state and torch.cuda.is_available():
+        torch.cuda.set_rng_state_all(state['cuda'])
+
+
+class StudentStream:
+    """A student's own torch RNG stream for its step (drop-path, dropout), forked from the process's stream at the
+    first batch of each epoch, where its solo run's first step starts drawing. The process's stream then serves the
+    data pipeline alone, as in a solo run whose loader has workers, so each student draws what it draws alone."""
+
+    def __init__(self, saved: dict = None):
+        self.state = saved
+
+    def __enter__(self):
+        self.outer = torch_rng()
+        if self.state is None:
+            self.state = self.outer
+        set_torch_rng(self.state)
+        return self
+
+    def __exit__(self, *exc):
+        self.state = torch_rng()
+        set_torch_rng(self.outer)
+        return False
+
+
 def _stop_student(r: StudentRun, e: FatalError, where: str) -> None:
     r.error = f'{e} ({where})'
     _logger.error(f'Student {r.name} stopped, the other students go on: {e}')
@@ -442,8 +477,10 @@ def train_joint_epoch(epoch, runs, loader, args, device, amp_autocast, mixup_fn,
     last_batch_idx_to_accum = num_batches - last_accum_steps
     num_updates = epoch * updates_per_epoch + position.start_batch // accum_steps
     for r in runs:
-        r.sums = TermSums(device, args.distributed, (r.extras or {}).get('epoch_sums') if position.start_batch else None,
-                          primary=utils.is_primary(args))
+        saved = (r.extras or {}) if position.start_batch else {}  # resumed inside this epoch: its sums and stream
+        r.sums = TermSums(device, args.distributed, saved.get('epoch_sums'), primary=utils.is_primary(args))
+        own = (saved.get('student_rng') or [None] * args.world_size)[args.rank] if saved.get('student_rng') else None
+        r.stream = StudentStream(own)
     timer.start_epoch()
     for r in runs:
         r.optimizer.zero_grad()
@@ -468,7 +505,7 @@ def train_joint_epoch(epoch, runs, loader, args, device, amp_autocast, mixup_fn,
                 log_loss_balance(r.args, r.task, input, target, amp_autocast, r.output_dir)
             if not r.live:
                 continue
-            with (r.task.no_sync() if args.distributed and not need_update else suppress()):
+            with r.stream, (r.task.no_sync() if args.distributed and not need_update else suppress()):
                 with amp_autocast():
                     out = r.task(input, target)
                 terms = OrderedDict((k, v.detach()) for k, v in out.items() if k.startswith('loss'))
@@ -524,7 +561,8 @@ def train_joint_epoch(epoch, runs, loader, args, device, amp_autocast, mixup_fn,
                 if not r.live:
                     continue
                 r.guard.flush()
-                state = dict(**rng, epoch_sums=r.sums.state(), nonfinite_skipped=r.guard.skipped)
+                state = dict(**rng, epoch_sums=r.sums.state(), nonfinite_skipped=r.guard.skipped,
+                             student_rng=_gather(args.distributed, r.stream.state))
                 if r.saver is not None:
                     r.saver.save_recovery(epoch, batch_idx, run_state=state)
             if stop:
@@ -547,6 +585,15 @@ def train_joint_epoch(epoch, runs, loader, args, device, amp_autocast, mixup_fn,
             r.optimizer.sync_lookahead()
         out.append(OrderedDict(r.sums.means(), img_per_s=timer.images_per_s.avg, data_time=timer.data.avg,
                                nonfinite_skipped=r.guard.skipped) if r.live else None)
+    return out
+
+
+def _gather(distributed: bool, state) -> list:
+    """``state`` of every rank (collective when distributed), for a recovery checkpoint."""
+    if not distributed:
+        return [state]
+    out = [None] * dist.get_world_size()
+    dist.all_gather_object(out, state)
     return out
 
 

@@ -160,7 +160,8 @@ def _cmd(assets, exp, *extra):
     return [sys.executable, os.path.join(ROOT, 'train_kd.py'), '--data-dir', data,
             '--model', 'scalekd_demo_resnet,scalekd_demo_resnet', '--distiller', 'scalekd,kd',
             '--teacher', 'scalekd_demo_vit', '--teacher-checkpoint', teacher, '-b', '4', '--epochs', '2', '-j', '0',
-            '--lr', '0.05', '--warmup-epochs', '0', '--sched-on-updates', '--mixup', '0.2', '--model-ema', '--seed', '1',
+            '--lr', '0.05', '--warmup-epochs', '0', '--sched-on-updates', '--mixup', '0.2', '--drop-path', '0.1',
+            '--model-ema', '--seed', '1',
             '--recovery-interval', '1', '--log-interval', '1', '--no-plot', '--output', str(root), '--experiment', exp,
             '--resume', 'auto', *extra]
 
@@ -251,3 +252,18 @@ def test_two_processes_train_as_one(assets):
         a, b = _load(os.path.join(one, sub, 'last.pth.tar')), _load(os.path.join(two, sub, 'last.pth.tar'))
         for k in a['state_dict']:
             torch.testing.assert_close(b['state_dict'][k], a['state_dict'][k], rtol=1e-4, atol=1e-5)
+
+
+def test_students_with_drop_path_draw_their_solo_runs_draws(image_folder, teacher_ckpt, tmp_path, one_thread):
+    """Each student steps on its own torch RNG stream (forked where its solo run's first step starts drawing), so
+    with loader workers (the data pipeline then draws in the workers, in both runs) a student with drop-path trains
+    as its solo run, bit for bit."""
+    extra = ('--drop-path', '0.1', '-j', '1', '--epochs', '2', '--loss-balance-factor', '0')
+    assert train_kd.main(_argv(image_folder, teacher_ckpt, tmp_path, 'joint', '--model',
+                               'scalekd_demo_resnet,scalekd_demo_resnet', '--distiller', 'scalekd,kd', *extra)) == 0
+    for distiller, sub in zip(('scalekd', 'kd'), SUBS):
+        assert train_kd.main(_argv(image_folder, teacher_ckpt, tmp_path, f'solo-{distiller}', '--model',
+                                   'scalekd_demo_resnet', '--distiller', distiller, *extra)) == 0
+        a, b = _load(tmp_path / f'solo-{distiller}' / 'last.pth.tar'), _load(tmp_path / 'joint' / sub / 'last.pth.tar')
+        assert _hash(a['state_dict']) == _hash(b['state_dict']), distiller
+        assert _rows(tmp_path / 'joint' / sub)[-1]['train_loss'] == _rows(tmp_path / f'solo-{distiller}')[-1]['train_loss']
