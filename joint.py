@@ -158,6 +158,7 @@ def main_joint(args, args_text) -> int:
         runs.append(StudentRun(a, text, os.path.join(a.output or './output/train', a.experiment)))
     teachers = {(r.args.teacher, r.args.teacher_checkpoint, str(r.args.teacher_kwargs), r.args.teacher_img_size)
                 for r in runs if r.args.distiller != 'none'}
+    args.teacher = next((r.args.teacher for r in runs if r.args.distiller != 'none'), '')  # --kd-model-name too
     if len(teachers) > 1:
         parser.error('the students of one joint run share one teacher; they name several (--kd-model-name and '
                      '--teacher must agree)')

@@ -612,7 +612,7 @@ def create_student(args, in_chans):
     if args.grad_checkpointing:
         model.set_grad_checkpointing(enable=True)
     if utils.is_primary(args):
-        head = model.pretrained_cfg.get('num_classes') if args.pretrained else None
+        head = model.pretrained_cfg.get('num_classes') if args.pretrained and not args.pretrained_path else None
         note = f' (its pretrained head had {head} classes: re-initialised for {model.num_classes})' \
             if head and head != model.num_classes else ''
         _logger.info(f'Student {safe_model_name(args.model)} created, param count: '

@@ -127,10 +127,11 @@ def check_teacher_head(args, data_classes: Optional[int]) -> Optional[int]:
     if args.teacher_features_only:
         raise FatalError(f'--teacher-features-only leaves --distiller {args.distiller} nothing to learn from (it uses '
                          f'only the teacher\'s logits); use --distiller scalekd or feature, or fine-tune the teacher')
+    source = f' --pretrained-path {run_checkpoint(args.teacher_checkpoint)[0]}' if args.teacher_checkpoint else ''
     raise FatalError(
         f"the teacher's head has {classes} classes ({where}) but the data has {data_classes}: --distiller "
         f"{args.distiller} would learn from a randomly initialised head. Fix: (a) fine-tune the teacher on this data, "
-        f"python train_kd.py --data-dir {args.data_dir} --distiller none --model {args.teacher} --pretrained "
+        f"python train_kd.py --data-dir {args.data_dir} --distiller none --model {args.teacher} --pretrained{source} "
         f"--output OUT --experiment teacher-ft, then distil with --teacher {args.teacher} "
         f"--teacher-checkpoint OUT/teacher-ft (the run folder: its EMA weights when it kept an EMA, else the student "
         f"weights); or (b) distil from the teacher's features only, without its logits: --distiller scalekd "
