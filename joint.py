@@ -46,7 +46,7 @@ from runtime.data import check_bad_images
 from runtime.device import fused_optimizer_kwargs
 from runtime.dryrun import dry_run
 from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error
-from runtime.loaders import create_datasets, create_mixup, create_train_loader
+from runtime.loaders import create_datasets, create_mixup, create_train_loader, device_batch
 from runtime.metrics import StepTimer, TermSums, log_train_step, tensorboard_writer
 from runtime.nonfinite import NonFiniteGuard, norm_and_clip
 from runtime.resume import EpochPosition, check_same_resume, checkpoint_position, find_resume, is_valid_checkpoint, \
@@ -494,12 +494,7 @@ def train_joint_epoch(epoch, runs, loader, args, device, amp_autocast, mixup_fn,
         need_update = last_batch or (batch_idx + 1) % accum_steps == 0
         update_idx = batch_idx // accum_steps
         accum = last_accum_steps if batch_idx >= last_batch_idx_to_accum else accum_steps
-        if not args.prefetcher:
-            input, target = input.to(device), target.to(device)
-            if mixup_fn is not None:
-                input, target = mixup_fn(input, target)
-        if args.channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
+        input, target = device_batch(input, target, args, device, mixup_fn)
         timer.data_ready()
         for r in runs:
             if r.live and measure_balance and batch_idx == 0:

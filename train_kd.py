@@ -43,7 +43,7 @@ from runtime.data import check_bad_images
 from runtime.dryrun import dry_run
 from runtime.device import check_compile, check_precision, fused_optimizer_kwargs
 from runtime.distributed import collective_failure_message, collective_timeout
-from runtime.loaders import create_datasets, create_mixup, create_train_loader, num_classes  # noqa: F401
+from runtime.loaders import create_datasets, create_mixup, create_train_loader, device_batch, num_classes  # noqa: F401
 from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error, short
 from runtime.metrics import StepTimer, TermSums, log_train_step, tensorboard_writer
 from runtime.nonfinite import NonFiniteGuard, norm_and_clip
@@ -746,12 +746,7 @@ def train_one_epoch(
         need_update = last_batch or (batch_idx + 1) % accum_steps == 0
         update_idx = batch_idx // accum_steps
         accum = last_accum_steps if batch_idx >= last_batch_idx_to_accum else accum_steps
-        if not args.prefetcher:
-            input, target = input.to(device), target.to(device)
-            if mixup_fn is not None:
-                input, target = mixup_fn(input, target)
-        if args.channels_last:
-            input = input.contiguous(memory_format=torch.channels_last)
+        input, target = device_batch(input, target, args, device, mixup_fn)
         timer.data_ready()
         if measure_balance and batch_idx == 0:
             log_loss_balance(args, task, input, target, amp_autocast, output_dir)

@@ -6,6 +6,8 @@ import time
 import torch
 from timm import utils
 
+from .loaders import device_batch
+
 _logger = logging.getLogger('train')
 
 
@@ -16,13 +18,7 @@ def dry_run(args, task, optimizer, loader, mixup_fn, amp_autocast, device, balan
     n_student = sum(p.numel() for p in task.get_eval_model().parameters())
     n_trained = sum(p.numel() for p in task.get_trainable_module().parameters() if p.requires_grad)
     n_teacher = sum(p.numel() for p in task.teacher.parameters()) if getattr(task, 'teacher', None) is not None else 0
-    input, target = next(iter(loader))
-    if not args.prefetcher:
-        input, target = input.to(device), target.to(device)
-        if mixup_fn is not None:
-            input, target = mixup_fn(input, target)
-    if args.channels_last:
-        input = input.contiguous(memory_format=torch.channels_last)
+    input, target = device_batch(*next(iter(loader)), args, device, mixup_fn)
     if balance is not None and args.loss_balance_factor > 0:  # distillers.balance.log_loss_balance, no file
         balance(args, task, input, target, amp_autocast, None)
     task.train()

@@ -1,5 +1,6 @@
 """The run's data: timm's datasets (the class count from the class folders), Mixup/CutMix and the training loader,
 from the flags of train_kd.py's ``args``."""
+import torch
 from timm.data import create_dataset, create_loader, Mixup, FastCollateMixup
 
 from .data import check_data_dir, guard_bad_images
@@ -76,3 +77,15 @@ def create_train_loader(dataset, args, data_config, device, collate_fn=None, dis
         pin_memory=args.pin_mem, device=device, use_prefetcher=not args.no_prefetcher,
         worker_seeding=args.worker_seeding, persistent_workers=persistent_workers,
     )
+
+
+def device_batch(input, target, args, device, mixup_fn=None):
+    """A loader's batch as a step takes it: on ``device`` with Mixup/CutMix applied (timm's prefetcher has done both
+    already), channels-last with ``--channels-last``."""
+    if not args.prefetcher:
+        input, target = input.to(device), target.to(device)
+        if mixup_fn is not None:
+            input, target = mixup_fn(input, target)
+    if args.channels_last:
+        input = input.contiguous(memory_format=torch.channels_last)
+    return input, target
