@@ -30,7 +30,7 @@ import torch.distributed as dist
 import yaml
 
 from timm import utils
-from timm.data import create_loader, resolve_data_config
+from timm.data import resolve_data_config
 from timm.models import create_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
 from timm.scheduler import create_scheduler_v2, scheduler_kwargs
@@ -46,7 +46,8 @@ from runtime.data import check_bad_images
 from runtime.device import fused_optimizer_kwargs
 from runtime.dryrun import dry_run
 from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error
-from runtime.loaders import create_datasets, create_mixup, create_train_loader, device_batch
+from runtime.loaders import create_datasets, create_eval_loader, create_mixup, create_train_loader, device_batch, \
+    start_data_epoch
 from runtime.metrics import StepTimer, TermSums, log_train_step, tensorboard_writer
 from runtime.nonfinite import NonFiniteGuard, norm_and_clip
 from runtime.resume import EpochPosition, check_same_resume, checkpoint_position, find_resume, is_valid_checkpoint, \
@@ -297,14 +298,7 @@ def train_joint(args, runs: List[StudentRun]) -> int:
     collate_fn, mixup_fn = create_mixup(args)
     loader_train = create_train_loader(dataset_train, args, data_config, device, collate_fn=collate_fn,
                                        distributed=args.distributed)
-    loader_eval = None
-    if dataset_eval is not None:
-        loader_eval = create_loader(
-            dataset_eval, input_size=data_config['input_size'],
-            batch_size=args.validation_batch_size or args.batch_size, is_training=False,
-            interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-            num_workers=args.workers, distributed=args.distributed, crop_pct=data_config['crop_pct'],
-            pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher)
+    loader_eval = create_eval_loader(dataset_eval, args, data_config, device)
     if args.dry_run:
         return _dry_run(args, runs, loader_train, mixup_fn, amp_autocast, device, memo)
 
@@ -349,15 +343,7 @@ def train_joint(args, runs: List[StudentRun]) -> int:
     exit_code = 0
     try:
         for epoch in range(start_epoch, num_epochs):
-            if hasattr(dataset_train, 'set_epoch'):
-                dataset_train.set_epoch(epoch)
-            elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
-                loader_train.sampler.set_epoch(epoch)
-            if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-                if args.prefetcher and loader_train.mixup_enabled:
-                    loader_train.mixup_enabled = False
-                elif mixup_fn is not None:
-                    mixup_fn.mixup_enabled = False
+            start_data_epoch(epoch, dataset_train, loader_train, mixup_fn, args)
             metrics = train_joint_epoch(epoch, runs, loader_train, args, device, amp_autocast, mixup_fn, timer, position,
                                         memo, measure_balance=measure_balance and epoch == start_epoch)
             if metrics is None:

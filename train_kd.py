@@ -23,7 +23,7 @@ import torch.distributed as dist
 
 import timm
 from timm import utils
-from timm.data import create_loader, resolve_data_config, AugMixDataset
+from timm.data import resolve_data_config, AugMixDataset
 from timm.layers import convert_sync_batchnorm, set_fast_norm
 from timm.models import create_model, safe_model_name
 from timm.optim import create_optimizer_v2, optimizer_kwargs
@@ -43,7 +43,8 @@ from runtime.data import check_bad_images
 from runtime.dryrun import dry_run
 from runtime.device import check_compile, check_precision, fused_optimizer_kwargs
 from runtime.distributed import collective_failure_message, collective_timeout
-from runtime.loaders import create_datasets, create_mixup, create_train_loader, device_batch, num_classes  # noqa: F401
+from runtime.loaders import create_datasets, create_eval_loader, create_mixup, create_train_loader, device_batch, \
+    num_classes, start_data_epoch  # noqa: F401  (num_classes, create_train_loader: the benchmark)
 from runtime.errors import EXIT_FATAL, EXIT_PREEMPTED, FatalError, log_startup_error, short
 from runtime.metrics import StepTimer, TermSums, log_train_step, tensorboard_writer
 from runtime.nonfinite import NonFiniteGuard, norm_and_clip
@@ -461,15 +462,7 @@ def train(args, args_text):
         dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
     loader_train = create_train_loader(dataset_train, args, data_config, device, collate_fn=collate_fn,
                                        distributed=args.distributed)
-    loader_eval = None
-    if dataset_eval is not None:
-        loader_eval = create_loader(
-            dataset_eval, input_size=data_config['input_size'],
-            batch_size=args.validation_batch_size or args.batch_size, is_training=False,
-            interpolation=data_config['interpolation'], mean=data_config['mean'], std=data_config['std'],
-            num_workers=args.workers, distributed=args.distributed, crop_pct=data_config['crop_pct'],
-            pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
-        )
+    loader_eval = create_eval_loader(dataset_eval, args, data_config, device)
 
     if args.dry_run:  # checks passed, models and loaders built: time a step and stop, nothing written
         return dry_run(args, task, optimizer, loader_train, mixup_fn, amp_autocast, device, balance=log_loss_balance)
@@ -519,16 +512,7 @@ def train(args, args_text):
     exit_code = 0
     try:
         for epoch in range(start_epoch, num_epochs):
-            if hasattr(dataset_train, 'set_epoch'):
-                dataset_train.set_epoch(epoch)
-            elif args.distributed and hasattr(loader_train.sampler, 'set_epoch'):
-                loader_train.sampler.set_epoch(epoch)
-            if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
-                if args.prefetcher and loader_train.mixup_enabled:
-                    loader_train.mixup_enabled = False
-                elif mixup_fn is not None:
-                    mixup_fn.mixup_enabled = False
-
+            start_data_epoch(epoch, dataset_train, loader_train, mixup_fn, args)  # sampler epoch, --mixup-off-epoch
             train_metrics = train_one_epoch(
                 epoch, task, loader_train, optimizer, args, device=device, lr_scheduler=lr_scheduler, saver=saver,
                 writer=writer, amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn, guard=guard,

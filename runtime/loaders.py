@@ -89,3 +89,30 @@ def device_batch(input, target, args, device, mixup_fn=None):
     if args.channels_last:
         input = input.contiguous(memory_format=torch.channels_last)
     return input, target
+
+
+def create_eval_loader(dataset, args, data_config, device):
+    """The run's validation loader (None without a validation split): timm's create_loader, no augmentation."""
+    if dataset is None:
+        return None
+    return create_loader(
+        dataset, input_size=data_config['input_size'], batch_size=args.validation_batch_size or args.batch_size,
+        is_training=False, interpolation=data_config['interpolation'], mean=data_config['mean'],
+        std=data_config['std'], num_workers=args.workers, distributed=args.distributed,
+        crop_pct=data_config['crop_pct'], pin_memory=args.pin_mem, device=device, use_prefetcher=args.prefetcher,
+    )
+
+
+def start_data_epoch(epoch, dataset, loader, mixup_fn, args) -> None:
+    """Before an epoch: the dataset's (or the distributed sampler's) epoch, and Mixup/CutMix off from
+    ``--mixup-off-epoch`` on."""
+    if hasattr(dataset, 'set_epoch'):
+        dataset.set_epoch(epoch)
+    elif args.distributed and hasattr(loader.sampler, 'set_epoch'):
+        loader.sampler.set_epoch(epoch)
+    if args.mixup_off_epoch and epoch >= args.mixup_off_epoch:
+        if args.prefetcher and loader.mixup_enabled:
+            loader.mixup_enabled = False
+        elif mixup_fn is not None:
+            mixup_fn.mixup_enabled = False
+
