@@ -99,7 +99,7 @@ def test_joint_run_equals_the_solo_runs(image_folder, teacher_ckpt, tmp_path, on
     assert got['top1'] == pytest.approx(float(_rows(tmp_path / 'joint' / SUBS[1])[-1]['eval_top1']), abs=1e-3)
 
 
-def test_student_lists_recipes_and_sub_folders(image_folder, teacher_ckpt, tmp_path, one_thread, capsys):
+def test_student_lists_recipes_and_sub_folders(image_folder, teacher_ckpt, tmp_path, one_thread, capsys, caplog):
     recipe = tmp_path / 'r.yaml'
     recipe.write_text('model: {model: [scalekd_demo_resnet, scalekd_demo_resnet, scalekd_demo_mixer]}\n'
                       'distill: {distiller: [kd, none, kd]}\n')
@@ -111,6 +111,11 @@ def test_student_lists_recipes_and_sub_folders(image_folder, teacher_ckpt, tmp_p
     assert sorted(os.listdir(tmp_path / 'ladder')) == ['scalekd_demo_mixer-kd', 'scalekd_demo_resnet-kd',
                                                        'scalekd_demo_resnet-none']
     assert 'train_loss_kd' not in _rows(tmp_path / 'ladder' / 'scalekd_demo_resnet-none')[0]
+    # the same command again, without --resume: refused, every student's files untouched
+    before = {p: open(p, 'rb').read() for p in glob.glob(str(tmp_path / 'ladder' / '*' / '*.*'))}
+    assert train_kd.main(argv[:-1]) == 2
+    assert before == {p: open(p, 'rb').read() for p in glob.glob(str(tmp_path / 'ladder' / '*' / '*.*'))}
+    assert "already holds a run" in caplog.text and 'scalekd_demo_resnet-kd' in caplog.text
     # a pair that repeats gets an index
     from joint import sub_folders
     assert sub_folders([('resnet50d', 'kd'), ('resnet50d', 'kd'), ('resnet50d', 'kd')]) == [
