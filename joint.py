@@ -579,10 +579,27 @@ def _gather(distributed: bool, state) -> list:
     return out
 
 
+class _OneBatch:
+    """A loader of one prepared batch (its length: the real loader's, for the steps-per-epoch line)."""
+
+    def __init__(self, batch, length: int):
+        self.batch, self.length = batch, length
+
+    def __iter__(self):
+        return iter([self.batch])
+
+    def __len__(self):
+        return self.length
+
+
 def _dry_run(args, runs, loader, mixup_fn, amp_autocast, device, memo) -> int:
-    """``--dry-run`` of a joint run: each student's solo dry run on the same batch (the teacher runs once)."""
+    """``--dry-run`` of a joint run: each student's solo dry run on one and the same batch, so the teacher's forward
+    runs once for all of them (the later students' step times are those of a joint step)."""
+    batch = _OneBatch(device_batch(*next(iter(loader)), args, device, mixup_fn), len(loader))
     for r in runs:
         if utils.is_primary(args):
             _logger.info(f'Student {r.name}:')
-        dry_run(r.args, r.task, r.optimizer, loader, mixup_fn, amp_autocast, device, balance=log_loss_balance)
+        dry_run(r.args, r.task, r.optimizer, batch, None, amp_autocast, device, balance=log_loss_balance)
+    if memo is not None and utils.is_primary(args):
+        _logger.info(f'Joint dry run: the teacher ran {memo.runs} times for {memo.runs + memo.hits} student forwards')
     return 0

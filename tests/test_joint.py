@@ -105,8 +105,11 @@ def test_student_lists_recipes_and_sub_folders(image_folder, teacher_ckpt, tmp_p
                       'distill: {distiller: [kd, none, kd]}\n')
     argv = _argv(image_folder, teacher_ckpt, tmp_path, 'ladder', '--config', str(recipe), '--epochs', '1',
                  '--dry-run')
+    caplog.set_level(logging.INFO)
     assert train_kd.main(argv) == 0
     assert not (tmp_path / 'ladder').exists()  # a dry run writes nothing
+    # one batch for all: the two kd students' 6 forwards (loss balance + 2 steps each) ran the teacher once
+    assert 'Joint dry run: the teacher ran 1 times for 6 student forwards' in caplog.text
     assert train_kd.main(argv[:-1]) == 0
     assert sorted(os.listdir(tmp_path / 'ladder')) == ['scalekd_demo_mixer-kd', 'scalekd_demo_resnet-kd',
                                                        'scalekd_demo_resnet-none']
