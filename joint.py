@@ -101,7 +101,8 @@ class TeacherMemo:
 
 
 class StudentRun:
-    """One student of a joint run: its args, task, optimizer, schedule, saver, writer, guard and epoch sums."""
+    """One student of a joint run: its args, task, optimizer, schedule, saver, writer, guard, epoch sums and RNG
+    stream; ``error`` once it has stopped (the others go on)."""
 
     def __init__(self, args, text, output_dir):
         self.args, self.text, self.output_dir = args, text, output_dir
@@ -109,7 +110,8 @@ class StudentRun:
         self.task = self.optimizer = self.scheduler = self.saver = self.writer = self.guard = self.sums = None
         self.resume_path, self.extras, self.error = '', None, None
         self.best_metric = self.best_epoch = None
-        self.grad_norm = None
+        self.grad_norm = self.loss_scaler = self.config = None
+        self.stream = None  # its own torch RNG stream (StudentStream), set at each epoch's start
 
     @property
     def live(self) -> bool:
