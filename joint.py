@@ -20,7 +20,7 @@ import inspect
 import logging
 import os
 from collections import OrderedDict
-from contextlib import suppress
+from contextlib import contextmanager, suppress
 from datetime import datetime
 from functools import partial
 from typing import Dict, List, Tuple
@@ -50,8 +50,8 @@ from runtime.loaders import create_datasets, create_eval_loader, create_mixup, c
     start_data_epoch
 from runtime.metrics import StepTimer, TermSums, log_train_step, tensorboard_writer
 from runtime.nonfinite import NonFiniteGuard, norm_and_clip
-from runtime.resume import EpochPosition, check_same_resume, checkpoint_position, find_resume, is_valid_checkpoint, \
-    run_config, truncate_summary
+from runtime.resume import EpochPosition, check_same_resume, checkpoint_position, is_valid_checkpoint, run_config, \
+    truncate_summary
 from runtime.rng import get_rng_state, set_rng_state
 from runtime.runlock import hold_run_lock, release_run_lock
 from runtime.saver import RunSaver
@@ -67,37 +67,43 @@ SHARED_DATA = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')
 class TeacherMemo:
     """The teacher's ``forward_features`` computed once per batch for all students.
 
-    Installed on the shared teacher model, it returns the result of the last call again when the input equals the
-    last one exactly (same shape, dtype, device and values: a students' tasks re-normalise and resize the one batch
-    identically), else runs the teacher. Everything after the features (the head, pooling, ScaleKD's map to NCHW)
-    stays in each task, so each task computes what it computed alone. ``clear()`` after each batch.
+    Installed on the shared teacher model. Inside ``batch()`` (one joint step) the first call runs the teacher and
+    every later call with the same input shape and options gets its features: within a step every student's task
+    feeds the teacher the one batch, re-normalised and resized alike (the students share one data config and one
+    teacher, refused otherwise when built), so no value comparison, and no host sync, is needed. Outside
+    ``batch()`` (validation) every call runs the teacher. Everything after the features (the head, pooling,
+    ScaleKD's map to NCHW) stays in each task, so each task computes what it computed alone.
     """
 
     def __init__(self, model: torch.nn.Module):
         self.forward_features = model.forward_features  # the model's own, bound
         self.signature = inspect.signature(self.forward_features)
-        self.key = self.options = self.value = None
+        self.active, self.key, self.value = False, None, None
         self.runs = self.hits = 0
         model.forward_features = self  # an instance attribute shadows the method for model.forward and the tasks
+
+    @contextmanager
+    def batch(self):
+        """One joint step: the teacher's features of its batch are computed once."""
+        self.active = True
+        try:
+            yield self
+        finally:
+            self.active, self.key, self.value = False, None, None
 
     def __call__(self, x: torch.Tensor, *args, **kwargs):
         # the other arguments with their defaults filled in: forward(x) passes attn_mask=None, a task passes none
         bound = self.signature.bind(x, *args, **kwargs)
         bound.apply_defaults()
-        options = [(k, v) for k, v in list(bound.arguments.items())[1:]]
-        if any(isinstance(v, torch.Tensor) for _, v in options):
-            return self.forward_features(x, *args, **kwargs)
-        k = self.key
-        if k is not None and options == self.options and k.shape == x.shape and k.dtype == x.dtype \
-                and k.device == x.device and torch.equal(k, x):
+        key = (tuple(x.shape), x.dtype, x.device, list(bound.arguments.items())[1:])
+        if self.active and key == self.key and not any(isinstance(v, torch.Tensor) for _, v in key[3]):
             self.hits += 1
             return self.value
         self.runs += 1
-        self.key, self.options, self.value = x, options, self.forward_features(x, *args, **kwargs)
-        return self.value
-
-    def clear(self) -> None:
-        self.key = self.options = self.value = None
+        value = self.forward_features(x, *args, **kwargs)
+        if self.active:
+            self.key, self.value = key, value
+        return value
 
 
 class StudentRun:
@@ -213,35 +219,35 @@ def _replay_teacher_init(a, in_chans) -> None:
 
 
 def _resume_position(runs: List[StudentRun]) -> None:
-    """``--resume auto``: every student resumes at the newest position all their folders hold a checkpoint of (a
-    stop between two students' saves leaves one a save ahead; it goes back to the other's)."""
-    newest = [find_resume('auto', r.output_dir) for r in runs]
-    if not any(newest):
+    """``--resume auto``: every student resumes at the newest position all their folders hold a loadable checkpoint
+    of (a stop between two students' saves leaves one a save ahead; it goes back to the other's). Positions come
+    from the checkpoints' metadata (memory-mapped); only the files of a chosen position are read in full."""
+    found = [_positions(r.output_dir) for r in runs]
+    if not any(found):
         return
-    if not all(newest):
-        missing = [r.output_dir for r, p in zip(runs, newest) if not p]
+    if not all(found):
+        missing = [r.output_dir for r, f in zip(runs, found) if not f]
         raise FatalError(f"--resume auto: {', '.join(missing)} holds no checkpoint while the other students' folders "
                          f"do; resume the students one by one, or start the joint run in a new --experiment")
-    found = [_positions(r.output_dir) for r in runs]
-    common = set(found[0]).intersection(*found[1:])
-    if not common:
-        raise FatalError('--resume auto: the students\' folders hold no checkpoint of a common position; resume them '
-                         'one by one')
-    pos = max(common)
-    for r, f in zip(runs, found):
-        r.resume_path = f[pos]
+    for pos in sorted(set(found[0]).intersection(*found[1:]), reverse=True):
+        if all(is_valid_checkpoint(f[pos]) for f in found):  # a damaged file: the next older common position
+            for r, f in zip(runs, found):
+                r.resume_path = f[pos]
+                _logger.info(f"--resume auto: resuming from '{f[pos]}'")
+            return
+    raise FatalError('--resume auto: the students\' folders hold no checkpoint of a common position; resume them '
+                     'one by one')
 
 
 def _positions(folder: str) -> Dict[Tuple[int, float], str]:
-    """{(epoch, batch): checkpoint file} of the loadable checkpoints of ``folder`` (epoch ends as batch inf)."""
+    """{(epoch, batch): checkpoint file} of ``folder`` (epoch ends as batch inf; last.pth.tar preferred)."""
     out = {}
-    for name in sorted(os.listdir(folder)):
-        path = os.path.join(folder, name)
-        if not name.endswith('.pth.tar') or name.startswith(('tmp', 'recovery_tmp')) or not is_valid_checkpoint(path):
+    for name in sorted(os.listdir(folder)) if os.path.isdir(folder) else []:
+        if not name.endswith('.pth.tar') or name.startswith(('tmp', 'recovery_tmp')):
             continue
-        pos = checkpoint_position(path)
+        pos = checkpoint_position(os.path.join(folder, name))
         if pos is not None and (pos not in out or name == 'last.pth.tar'):
-            out[pos] = path
+            out[pos] = os.path.join(folder, name)
     return out
 
 
@@ -484,28 +490,27 @@ def train_joint_epoch(epoch, runs, loader, args, device, amp_autocast, mixup_fn,
         accum = last_accum_steps if batch_idx >= last_batch_idx_to_accum else accum_steps
         input, target = device_batch(input, target, args, device, mixup_fn)
         timer.data_ready()
-        for r in runs:
-            if r.live and measure_balance and batch_idx == 0:
-                log_loss_balance(r.args, r.task, input, target, amp_autocast, r.output_dir)
-            if not r.live:
-                continue
-            with r.stream, (r.task.no_sync() if args.distributed and not need_update else suppress()):
-                with amp_autocast():
-                    out = r.task(input, target)
-                terms = OrderedDict((k, v.detach()) for k, v in out.items() if k.startswith('loss'))
-                try:
-                    skip = _student_backward(r, out['loss'] / accum, terms, need_update, num_updates)
-                except FatalError as e:  # --nonfinite skip past its limit
-                    _stop_student(r, e, f'epoch {epoch} batch {batch_idx}')
+        with memo.batch() if memo is not None else suppress():  # one teacher forward for every student
+            for r in runs:
+                if r.live and measure_balance and batch_idx == 0:
+                    log_loss_balance(r.args, r.task, input, target, amp_autocast, r.output_dir)
+                if not r.live:
                     continue
-            del out
-            r.sums.add(terms, input.shape[0])
-            if need_update:
-                r.optimizer.zero_grad()
-                if not skip:
-                    r.task.update_ema(step=num_updates + 1)
-        if memo is not None:
-            memo.clear()
+                with r.stream, (r.task.no_sync() if args.distributed and not need_update else suppress()):
+                    with amp_autocast():
+                        out = r.task(input, target)
+                    terms = OrderedDict((k, v.detach()) for k, v in out.items() if k.startswith('loss'))
+                    try:
+                        skip = _student_backward(r, out['loss'] / accum, terms, need_update, num_updates)
+                    except FatalError as e:  # --nonfinite skip past its limit
+                        _stop_student(r, e, f'epoch {epoch} batch {batch_idx}')
+                        continue
+                del out
+                r.sums.add(terms, input.shape[0])
+                if need_update:
+                    r.optimizer.zero_grad()
+                    if not skip:
+                        r.task.update_ema(step=num_updates + 1)
         timer.samples += input.shape[0]
         if not need_update:
             position.batch_done()
@@ -598,10 +603,11 @@ def _dry_run(args, runs, loader, mixup_fn, amp_autocast, device, memo) -> int:
     """``--dry-run`` of a joint run: each student's solo dry run on one and the same batch, so the teacher's forward
     runs once for all of them (the later students' step times are those of a joint step)."""
     batch = _OneBatch(device_batch(*next(iter(loader)), args, device, mixup_fn), len(loader))
-    for r in runs:
-        if utils.is_primary(args):
-            _logger.info(f'Student {r.name}:')
-        dry_run(r.args, r.task, r.optimizer, batch, None, amp_autocast, device, balance=log_loss_balance)
+    with memo.batch() if memo is not None else suppress():
+        for r in runs:
+            if utils.is_primary(args):
+                _logger.info(f'Student {r.name}:')
+            dry_run(r.args, r.task, r.optimizer, batch, None, amp_autocast, device, balance=log_loss_balance)
     if memo is not None and utils.is_primary(args):
         _logger.info(f'Joint dry run: the teacher ran {memo.runs} times for {memo.runs + memo.hits} student forwards')
     return 0

@@ -106,22 +106,20 @@ def main(argv=None):
         opt.step()
         opt.zero_grad(set_to_none=True)
 
-    def solo():  # one after another: every step computes the teacher (memo emptied before each)
+    def solo():  # one after another: every step computes the teacher
         for task, opt in runs:
-            memo.clear()
-            step(task, opt)
-        memo.clear()
+            with memo.batch():
+                step(task, opt)
 
     def joint():  # one teacher forward for the batch
-        for task, opt in runs:
-            step(task, opt)
-        memo.clear()
+        with memo.batch():
+            for task, opt in runs:
+                step(task, opt)
 
     def teacher_only():
         task = runs[0][0]
         with torch.no_grad(), autocast():
             teacher(task.teacher_input(x))
-        memo.clear()
 
     times = {'solo': [], 'joint': [], 'teacher': []}
     forwards = {'solo': 0, 'joint': 0, 'teacher': 0}  # teacher forwards run (counted by the memo)

@@ -174,11 +174,7 @@ def check_distill_args(parser_error, args: argparse.Namespace) -> None:
 
 def resolve_teacher_img_size(args: argparse.Namespace) -> None:
     """--teacher-kwargs img_size=N (as in the teacher's own --model-kwargs) means --teacher-img-size N."""
-    kw_size = args.teacher_kwargs.pop('img_size', None) if isinstance(args.teacher_kwargs, dict) else None
-    if kw_size is not None and args.teacher_img_size and kw_size != args.teacher_img_size:
-        raise FatalError(f'--teacher-img-size {args.teacher_img_size} and --teacher-kwargs img_size={kw_size} '
-                         f'disagree; pass only one of them')
-    args.teacher_img_size = args.teacher_img_size or kw_size
+    args.teacher_img_size = teacher_size(args.teacher_img_size, args.teacher_kwargs)
 
 
 def teacher_size(teacher_img_size, teacher_kwargs) -> int:

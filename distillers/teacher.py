@@ -13,7 +13,7 @@ import yaml
 from timm.models import create_model, get_pretrained_cfg, is_model, parse_model_name, resolve_model_input_args, \
     split_model_name_tag
 
-from runtime.checkpoint import load_strict, load_weights_only, read_checkpoint
+from runtime.checkpoint import load_strict, read_checkpoint
 from runtime.errors import FatalError, short
 
 _logger = logging.getLogger(__name__)
@@ -71,23 +71,16 @@ def run_checkpoint(path: str) -> Tuple[str, bool]:
                            f"the folder of a finished train_kd.py run or a weight file")
 
 
-def read_teacher_state(path: str) -> Tuple[dict, str]:
-    """The teacher weights of ``--teacher-checkpoint`` (file or run folder) and which entry they are."""
+def read_teacher_state(path: str, mmap: bool = False) -> Tuple[dict, str]:
+    """The teacher weights of ``--teacher-checkpoint`` (file or run folder) and which entry they are, in one read
+    (``mmap``: memory-mapped, for a look at a few shapes)."""
     file, prefer_ema = run_checkpoint(path)
     try:
-        state, _, key = read_checkpoint(file, what='teacher checkpoint')
-        if prefer_ema and key != 'file':
-            ema = read_checkpoint(file, use_ema=True, what='teacher checkpoint') if _has_ema(file) else None
-            if ema is not None:
-                state, key = ema[0], ema[2]
+        state, _, key = read_checkpoint(file, use_ema=None if prefer_ema else False, what='teacher checkpoint',
+                                        mmap=mmap)
     except FatalError as e:  # missing, unreadable, refused (a pickle that imports code), not a state dict
         raise TeacherLoadError(str(e)) from None
     return state, key
-
-
-def _has_ema(file: str) -> bool:
-    ckpt = load_weights_only(file, 'teacher checkpoint', mmap=True)
-    return isinstance(ckpt, dict) and any(isinstance(ckpt.get(k), dict) for k in ('state_dict_ema', 'model_ema'))
 
 
 def teacher_head(name: str, checkpoint: Optional[str] = None) -> Tuple[Optional[int], str]:
@@ -99,7 +92,7 @@ def teacher_head(name: str, checkpoint: Optional[str] = None) -> Tuple[Optional[
         _logger.debug(f'pretrained_cfg of {name}: {short(e)}')
         return None, ''
     if checkpoint:
-        state, key = read_teacher_state(checkpoint)
+        state, key = read_teacher_state(checkpoint, mmap=True)  # only the classifier's shape is read
         classifiers = cfg.get('classifier') or ()
         for c in (classifiers,) if isinstance(classifiers, str) else classifiers:
             w = state.get(f'{c}.weight')

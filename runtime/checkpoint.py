@@ -123,8 +123,11 @@ def load_weights_only(path: str, what: str = '--checkpoint', mmap: bool = False)
                          f"checkpoint") from None
 
 
-def read_checkpoint(path: str, use_ema: bool = False, what: str = '--checkpoint') -> Tuple[dict, dict, str]:
-    """Read weights safely. Returns (state_dict, the run's args or the file's metadata, which entry was used)."""
+def read_checkpoint(path: str, use_ema: Optional[bool] = False, what: str = '--checkpoint',
+                    mmap: bool = False) -> Tuple[dict, dict, str]:
+    """Read weights safely. Returns (state_dict, the run's args or the file's metadata, which entry was used).
+    ``use_ema``: True the EMA (an error without one), None the EMA when the checkpoint has one, False the student.
+    ``mmap``: a .pth is memory-mapped (reading a few tensors' shapes costs no full read)."""
     if path.endswith('.safetensors') and os.path.isfile(path):
         try:
             with safetensors.safe_open(path, 'pt') as f:
@@ -133,11 +136,11 @@ def read_checkpoint(path: str, use_ema: bool = False, what: str = '--checkpoint'
         except Exception as e:
             raise FatalError(f"{what} '{path}' is not a readable safetensors file ({short(e)}); "
                              f"export it again with export.py") from None
-    ckpt = load_weights_only(path, what)
+    ckpt = load_weights_only(path, what, mmap=mmap)
     if not isinstance(ckpt, dict):
         raise FatalError(f"{what} '{path}' holds a {type(ckpt).__name__}, not a state dict or checkpoint")
     run_args = vars(ckpt['args']) if isinstance(ckpt.get('args'), argparse.Namespace) else {}
-    key = next((k for k in (('state_dict_ema', 'model_ema') if use_ema else ()) + ('state_dict', 'model')
+    key = next((k for k in (('state_dict_ema', 'model_ema') if use_ema is not False else ()) + ('state_dict', 'model')
                 if isinstance(ckpt.get(k), dict)), '')
     if use_ema and key not in ('state_dict_ema', 'model_ema'):
         raise FatalError(f"{what} '{path}' has no EMA weights (state_dict_ema; the run had no --model-ema); "
