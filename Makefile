@@ -28,8 +28,12 @@ fmnist:
 demo: venv fmnist
 	$(PY) tools/demo.py --out demo_output --src $(FMNIST)
 
-test: venv
-	HF_HUB_OFFLINE=1 $(PY) -m pytest -q
+$(VENV)/.test-installed: $(VENV)/.installed requirements-test.txt
+	$(PY) -m pip install -q -r requirements-test.txt
+	touch $@
+
+test: venv $(VENV)/.test-installed
+	HF_HUB_OFFLINE=1 WANDB_MODE=offline $(PY) -m pytest -q
 
 clean:
 	rm -rf demo_output output
