@@ -34,13 +34,14 @@ import models  # noqa: F401  registers the paper's student variants
 from config import parse_args_with_recipe
 from distillers.teacher import TeacherLoadError, check_model_name, check_teacher_head, create_teacher, identity_yaml
 from distillers.balance import log_loss_balance
+from distillers.memo import TeacherMemo
 from distillers.preflight import check_train_inputs, checked_build_task, settle_models
 from distillers.flags import add_distill_args, check_distill_args, criterion_kwargs, describe_kd_settings, \
-    resolve_teacher_img_size, student_list, task_kwargs
+    resolve_teacher_img_size, student_args, student_list, task_kwargs
 from runtime.checkpoint import check_output_dir
 from runtime.code_version import code_version
 from runtime.data import check_bad_images
-from runtime.dryrun import dry_run
+from runtime.dryrun import dry_run_students
 from runtime.device import check_compile, check_precision, fused_optimizer_kwargs
 from runtime.distributed import collective_failure_message, collective_timeout
 from runtime.loaders import create_datasets, create_eval_loader, create_mixup, create_train_loader, device_batch, \
@@ -51,12 +52,18 @@ from runtime.nonfinite import NonFiniteGuard, norm_and_clip
 from runtime.plot import write_curves
 from runtime.resume import EpochPosition, append_summary, check_same_resume, find_resume, load_state_extras, \
     run_config, truncate_summary
+from runtime.rng import get_rng_state, set_rng_state
 from runtime.runlock import hold_run_lock, release_run_lock
 from runtime.saver import RunSaver
 from runtime.signals import install_signal_handlers, stop_requested
+from runtime.students import StudentRun, StudentStream, gather, own_stream, read_stop_marker, resume_positions, \
+    sub_folders, write_stop_marker
 from validate import check_teacher, eval_columns, validate_task
 
 _logger = logging.getLogger('train')
+
+# what every student of a joint run shares: one loader feeds one batch to all of them
+SHARED_DATA = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')
 
 # settings that may change between a run and its resume without changing what is trained (dest names)
 RESUME_FREE_KEYS = frozenset({
@@ -361,13 +368,11 @@ def main(argv=None):
     if not logging.getLogger().handlers:  # in-process callers (tests) would stack one handler per call
         utils.setup_default_logging()
     args, args_text = _parse_args(argv)
-    if len(student_list(args, build_parser().error)) > 1:  # --model A,B,C: one teacher pass, several students
-        from joint import main_joint
-        return main_joint(args, args_text)
-    check_args(build_parser().error, args)
+    runs = list_students(build_parser().error, args, args_text)  # --model A,B,C: one teacher pass, several students
     try:
-        check_train_inputs(args)  # flags, data splits, run folder: before anything is created or written
-        return train(args, args_text)
+        for r in runs:
+            check_train_inputs(r.args)  # flags, data splits, run folders: before anything is created or written
+        return train(args, runs)
     except FatalError as e:
         log_startup_error(_logger, e)
         return e.exit_code
@@ -378,85 +383,67 @@ def main(argv=None):
         _logger.error(msg)
         return EXIT_FATAL
     finally:
-        release_run_lock()  # run.lock, if train() took it, on every exit path
+        release_run_lock()  # every student's run.lock, if train() took them, on every exit path
 
 
-def train(args, args_text):
+def list_students(parser_error, args, args_text):
+    """The run's students: a list of one (``args`` itself, its folder named once the input size is known), or for
+    ``--model A,B,C`` one StudentRun per student, each with its own copy of every setting and the args.yaml a solo
+    run of it writes, in ``<output>/<experiment>/<model>-<distiller>``. Each student passes the solo run's checks."""
+    students = student_list(args, parser_error)  # timm's --kd-model-name rule first: a joint run trains the same
+    if len(students) == 1:
+        check_args(parser_error, args)
+        return [StudentRun(args, args_text, None)]
+    if args.torchcompile:
+        parser_error('--torchcompile with several students: each task would compile its own copy of the teacher\'s '
+                     'forward around the shared one-pass teacher (the memo is Python state a compiled graph cannot '
+                     'keep); train them without --torchcompile, or one by one with it')
+    if args.resume not in ('', 'auto'):
+        parser_error(f"--resume {args.resume}: with several students pass --resume auto (each student resumes from "
+                     f"its own sub-folder), or resume one student's folder with a solo run")
+    args.experiment = args.experiment or '-'.join([datetime.now().strftime('%Y%m%d-%H%M%S'), 'joint'])
+    runs = []
+    for (model, distiller), sub in zip(students, sub_folders(students)):
+        a, text = student_args(args, model, distiller, os.path.join(args.experiment, sub))
+        check_args(parser_error, a)  # the solo run's argument checks, per student
+        runs.append(StudentRun(a, text, os.path.join(a.output or './output/train', a.experiment)))
+    teachers = {(r.args.teacher, r.args.teacher_checkpoint, str(r.args.teacher_kwargs), r.args.teacher_img_size)
+                for r in runs if r.args.distiller != 'none'}
+    if len(teachers) > 1:
+        parser_error('the students of one joint run share one teacher; they name several (--kd-model-name and '
+                     '--teacher must agree)')
+    args.teacher = next((r.args.teacher for r in runs if r.args.distiller != 'none'), '')
+    return runs
+
+
+def train(args, runs):
     device = setup_device(args)
+    for r in runs:  # what the set-up resolved for the run, every student alike
+        for k in ('prefetcher', 'grad_accum_steps', 'distributed', 'world_size', 'rank', 'local_rank', 'device'):
+            setattr(r.args, k, getattr(args, k))
+    runs = skip_stopped_students(args, runs)  # --resume auto of a joint run: a student stopped alone stays stopped
+    live = [r for r in runs if r.live]
+    if not live:
+        return EXIT_FATAL
 
     amp_dtype = torch.bfloat16 if args.amp_dtype == 'bfloat16' else torch.float16
-    use_amp = args.amp
-    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if use_amp else suppress
-    loss_scaler = utils.NativeScaler(device=device.type) if use_amp and amp_dtype == torch.float16 \
-        and device.type == 'cuda' else None
-
+    amp_autocast = partial(torch.autocast, device_type=device.type, dtype=amp_dtype) if args.amp else suppress
     utils.random_seed(args.seed, args.rank)
-
     if args.fast_norm:
         set_fast_norm()
 
-    # create the train and eval datasets (before the model: the class count comes from the data)
+    # create the train and eval datasets (before the models: the class count comes from the data)
     dataset_train, dataset_eval = create_datasets(args)
 
-    # create the student
+    # create every student and its task around one frozen teacher (eval mode): device, channels_last, sync-bn
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
-    model = create_student(args, in_chans)
+    data_config, memo = build_students(args, live, device, in_chans, amp_dtype)
 
-    data_config = resolve_data_config(vars(args), model=model, verbose=utils.is_primary(args))
-    img_size = tuple(data_config['input_size'][-2:])
-
-    # create the teacher (frozen, eval) and the distillation task
-    task = create_task(args, model, data_config, device, in_chans)
-
-    # move to device, channels_last, sync-bn (student only)
-    task.to(device=device)
-    if args.channels_last:  # the teacher too
-        task.to(memory_format=torch.channels_last)
-    if use_amp and amp_dtype == torch.bfloat16 and hasattr(task, 'hold_teacher'):
-        task.hold_teacher(amp_dtype)  # frozen weights cast once, not by autocast in every call
-    if args.distributed and args.sync_bn:
-        args.dist_bn = ''
-        student = task.get_eval_model()
-        converted = convert_sync_batchnorm(student)
-        assert converted is student, 'sync-bn conversion must happen in place for the task to see it'
-        if utils.is_primary(args):
-            _logger.info('Converted the student BatchNorm layers to SyncBatchNorm (projectors keep local BN).')
-
-    # setup learning rate from lr_base and the global batch
-    if args.lr is None:
-        resolve_lr(args)
-
-    optimizer = create_optimizer_v2(task.get_trainable_module(), **optimizer_kwargs(cfg=args), **args.opt_kwargs,
-                                    **fused_optimizer_kwargs(args.opt, device, args.opt_kwargs))
-
-    # optionally resume from a checkpoint: student, projectors, optimizer, scaler, then the exact-resume state
-    output_dir = _output_dir(args, img_size)
-    hold_run_lock(output_dir, args)  # one job per run folder; a new run never writes into a folder holding one
-    config = run_config(args, RESUME_FREE_KEYS)
-    resume_path = find_resume(args.resume, output_dir) if args.resume else ''
-    check_same_resume(resume_path, args.distributed)
-    start_epoch, resume_batch, extras = resume_checkpoint(args, task, optimizer, loss_scaler, resume_path, config)
+    # per student: learning rate, optimizer, run folder and lock, resume, EMA, DDP, compile
+    start_epoch, resume_batch, extras = setup_students(args, live, device, amp_dtype)
     position = EpochPosition(resume_batch, extras if resume_batch else None)  # where the first epoch goes on
-    if utils.is_primary(args) and resume_path and not args.dry_run:  # rows a stopped run wrote for epochs trained again
-        truncate_summary(os.path.join(output_dir, 'summary.csv'), start_epoch)
 
-    # setup exponential moving average of the trainable module (student + projectors)
-    if args.model_ema:
-        task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
-                       device='cpu' if args.model_ema_force_cpu else None)
-        if resume_path:
-            load_task_ema_checkpoint(task, resume_path)
-
-    # setup distributed training: DDP wraps the trainable module only, never the teacher
-    if args.distributed:
-        # buffers are broadcast by default; only the opt-out is passed (torch deprecates the flag itself)
-        task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
-                                 **(dict(broadcast_buffers=False) if args.no_ddp_bb else {}))
-    if args.torchcompile:  # after DDP, so that its all-reduce overlaps the compiled backward
-        task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
-        task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
-
-    # loaders and mixup
+    # loaders and mixup (one loader for every student)
     collate_fn, mixup_fn = create_mixup(args)
     if args.aug_splits > 1:
         dataset_train = AugMixDataset(dataset_train, num_splits=args.aug_splits)
@@ -464,92 +451,192 @@ def train(args, args_text):
                                        distributed=args.distributed)
     loader_eval = create_eval_loader(dataset_eval, args, data_config, device)
 
-    if args.dry_run:  # checks passed, models and loaders built: time a step and stop, nothing written
-        return dry_run(args, task, optimizer, loader_train, mixup_fn, amp_autocast, device, balance=log_loss_balance)
+    if args.dry_run:  # checks passed, models and loaders built: time the steps and stop, nothing written
+        return dry_run_students(args, live, loader_train, mixup_fn, amp_autocast, device, memo,
+                                balance=log_loss_balance)
+    if args.teacher_min_top1 is not None:  # the one teacher, checked once, before anything is written
+        check_teacher(next(r.task for r in live if r.args.distiller != 'none'), loader_eval, args, device,
+                      amp_autocast, logger=_logger)
 
-    # setup checkpoint saver, output dir, args.yaml and TensorBoard (rank 0 only)
+    # per student: checkpoint saver, args.yaml, TensorBoard (rank 0 only), LR schedule, non-finite guard
     eval_metric = args.eval_metric if loader_eval is not None else 'loss'
-    decreasing_metric = eval_metric == 'loss'
-    saver = None
-    writer = None
-    if utils.is_primary(args):
-        check_output_dir(output_dir)
-        saver = RunSaver(
-            model=task.get_eval_model(), optimizer=optimizer, args=args, amp_scaler=loss_scaler,
-            checkpoint_dir=output_dir, recovery_dir=output_dir, decreasing=decreasing_metric,
-            max_history=args.checkpoint_hist, task=task, run_config=config)
-        if resume_path and os.path.dirname(os.path.abspath(resume_path)) == os.path.abspath(output_dir):
-            saver.load_state_dict_from_checkpoint(resume_path)
-            saver.adopt_recovery(resume_path)  # rotated away by the next recovery saves
-        with open(os.path.join(output_dir, 'args.yaml'), 'w') as f:
-            f.write(args_text + identity_yaml(args))
-        writer = tensorboard_writer(output_dir, resume_path, start_epoch, resume_batch, len(loader_train), args)
-        _logger.info(f'Output folder: {output_dir}')
-
-    # setup learning rate schedule (a mid-epoch resume continues at the update after the checkpoint)
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
-    lr_scheduler, num_epochs = create_scheduler_v2(
-        optimizer, **scheduler_kwargs(args, decreasing_metric=decreasing_metric), updates_per_epoch=updates_per_epoch)
-    if lr_scheduler is not None and (start_epoch > 0 or resume_batch):
-        if args.sched_on_updates:
-            lr_scheduler.step_update(start_epoch * updates_per_epoch + resume_batch // args.grad_accum_steps)
-        else:
-            lr_scheduler.step(start_epoch)
+    num_epochs = start_outputs(args, live, eval_metric, start_epoch, resume_batch, len(loader_train), device)
     if utils.is_primary(args):
-        _logger.info(f'Scheduled epochs: {num_epochs}, {updates_per_epoch} updates per epoch.')
-
-    guard = NonFiniteGuard(args.nonfinite, args.nonfinite_max_skips, distributed=args.distributed, device=device)
-    if extras is not None:
-        guard.skipped = extras.get('nonfinite_skipped', 0)
-    if args.teacher_min_top1 is not None:
-        check_teacher(task, loader_eval, args, device, amp_autocast, logger=_logger)
+        _logger.info(f'Scheduled epochs: {num_epochs}, {updates_per_epoch} updates per epoch.' + (
+            f' Joint run: {len(live)} students, one teacher forward per batch.' if len(runs) > 1 else ''))
 
     restore_signal_handlers = install_signal_handlers()
-    best_metric, best_epoch = None, None
     timer = StepTimer(start_epoch * updates_per_epoch + resume_batch // args.grad_accum_steps,
                       num_epochs * updates_per_epoch, args.world_size)
-    measure_balance = args.loss_balance_factor > 0 and not resume_path and start_epoch == 0
+    measure_balance = args.loss_balance_factor > 0 and not any(r.resume_path for r in live) and start_epoch == 0
     exit_code = 0
     try:
         for epoch in range(start_epoch, num_epochs):
             start_data_epoch(epoch, dataset_train, loader_train, mixup_fn, args)  # sampler epoch, --mixup-off-epoch
-            train_metrics = train_one_epoch(
-                epoch, task, loader_train, optimizer, args, device=device, lr_scheduler=lr_scheduler, saver=saver,
-                writer=writer, amp_autocast=amp_autocast, loss_scaler=loss_scaler, mixup_fn=mixup_fn, guard=guard,
-                timer=timer, position=position, output_dir=output_dir,
-                measure_balance=measure_balance and epoch == start_epoch)
-            if train_metrics is None:  # stopped by a signal; a recovery checkpoint was written
-                exit_code = EXIT_PREEMPTED
+            metrics = train_one_epoch(epoch, live, loader_train, args, device, amp_autocast, mixup_fn, timer,
+                                      position, memo, measure_balance=measure_balance and epoch == start_epoch)
+            if metrics is None:  # stopped by a signal; every live student's recovery checkpoint was written
+                exit_code = EXIT_PREEMPTED if any(r.live for r in live) else EXIT_FATAL
                 break
-
-            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
-                utils.distribute_bn(task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
-
-            eval_metrics = None
-            if loader_eval is not None and ((epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs):
-                eval_metrics = validate_task(task, loader_eval, args, device, amp_autocast, logger=_logger)
-
-            if utils.is_primary(args):
-                write_summary(epoch, train_metrics, eval_metrics, optimizer, task, args, writer, output_dir,
-                               has_eval=loader_eval is not None)
-                metric = eval_metrics[eval_metric] if eval_metrics else None
-                best_metric, best_epoch = saver.save_checkpoint(
-                    epoch, metric=metric, run_state=dict(nonfinite_skipped=guard.skipped))
-
-            if lr_scheduler is not None:
-                lr_scheduler.step(epoch + 1, eval_metrics[eval_metric] if eval_metrics else None)
+            end_epoch(epoch, live, metrics, loader_eval, args, device, amp_autocast, eval_metric, num_epochs)
             position.next_epoch()
+            if not any(r.live for r in live):
+                break
     except KeyboardInterrupt:
         exit_code = EXIT_PREEMPTED
     finally:
         restore_signal_handlers()
-        if writer is not None:
-            writer.close()
+        for r in live:
+            if r.writer is not None:
+                r.writer.close()
         if args.distributed and dist.is_initialized():
             dist.destroy_process_group()
-    if best_metric is not None and utils.is_primary(args):
-        _logger.info(f'*** Best metric: {best_metric} (epoch {best_epoch})')
+    report_students(args, runs)
+    if exit_code == 0 and any(not r.live for r in runs):
+        exit_code = EXIT_FATAL  # a student stopped: the run says so in its exit code
     return exit_code
+
+
+def skip_stopped_students(args, runs):
+    """``--resume auto`` of a joint run leaves a student that stopped alone (its folder's stop marker) stopped,
+    saying so; the others resume. Rank 0's view of the markers, on every rank."""
+    if len(runs) == 1 or args.resume != 'auto':
+        return runs
+    markers = [read_stop_marker(r.output_dir) for r in runs]
+    if args.distributed:
+        dist.broadcast_object_list(markers, src=0)
+    for r, m in zip(runs, markers):
+        if m is not None:
+            r.error = f"stopped at epoch {m.get('epoch')} batch {m.get('batch')}: {m.get('reason')}"
+            if utils.is_primary(args):
+                _logger.warning(f'Student {r.name} {r.error}. --resume auto leaves it stopped and resumes the others; '
+                                f'to continue it, resume its folder alone: python train_kd.py --config '
+                                f'{os.path.join(r.output_dir, "args.yaml")} --resume auto')
+    return runs
+
+
+def build_students(args, runs, device, in_chans, amp_dtype):
+    """Each student built as its solo run builds it (the same RNG stream from the same point: equal initial weights
+    and projectors) around one teacher shared by all; on the device, channels_last, the teacher held in bf16, and
+    sync-bn. Returns the data config every student takes and, with several students, the teacher memo."""
+    rng_start = get_rng_state()
+    teacher, data_config = None, None
+    for r in runs:
+        set_rng_state(rng_start)
+        a = r.args
+        model = create_student(a, in_chans)
+        cfg = resolve_data_config(vars(a), model=model, verbose=utils.is_primary(a) and data_config is None)
+        if data_config is not None and any(cfg[k] != data_config[k] for k in SHARED_DATA):
+            diff = ', '.join(f'{k} {cfg[k]} vs {data_config[k]}' for k in SHARED_DATA if cfg[k] != data_config[k])
+            raise FatalError(f'students {runs[0].args.model} and {a.model} take different inputs ({diff}); a joint run '
+                             f'feeds one batch to all: set --img-size / --mean / --std / --interpolation / --crop-pct')
+        data_config = data_config or cfg
+        if r.output_dir is None:  # a solo run's folder is named after its model and input size
+            r.output_dir = _output_dir(a, tuple(cfg['input_size'][-2:]))
+            r.name = os.path.basename(r.output_dir)
+        if a.distiller != 'none' and teacher is not None:
+            replay_teacher_init(a, in_chans)  # the RNG draws the solo run makes for its teacher
+        r.task = create_task(a, model, cfg, device, in_chans, teacher=teacher)
+        if a.distiller != 'none' and teacher is None:
+            teacher = r.task.teacher.model
+        r.task.to(device=device)
+        if args.channels_last:  # the teacher too
+            r.task.to(memory_format=torch.channels_last)
+        if args.amp and amp_dtype == torch.bfloat16 and hasattr(r.task, 'hold_teacher'):
+            r.task.hold_teacher(amp_dtype)  # frozen weights cast once, not by autocast in every call
+        if args.distributed and args.sync_bn:
+            a.dist_bn = args.dist_bn = ''
+            student = r.task.get_eval_model()
+            assert convert_sync_batchnorm(student) is student, 'sync-bn conversion must happen in place'
+            if utils.is_primary(args):
+                _logger.info(f'Converted the BatchNorm layers of {a.model} to SyncBatchNorm (projectors keep local BN).')
+    memo = TeacherMemo(teacher) if teacher is not None and len(runs) > 1 else None
+    return data_config, memo
+
+
+def replay_teacher_init(a, in_chans) -> None:
+    """Create (and drop) the teacher's architecture without weights: the random draws of its initialisation, which
+    the solo run makes between its student and its task (so a student's projectors start as in its solo run)."""
+    resolve_teacher_img_size(a)
+    try:
+        head = check_teacher_head(a, a.num_classes)
+        kwargs = dict(a.teacher_kwargs, **({'img_size': a.teacher_img_size} if a.teacher_img_size else {}))
+        create_model(a.teacher, pretrained=False, num_classes=head or a.num_classes, in_chans=in_chans, **kwargs)
+    except TeacherLoadError as e:
+        raise FatalError(str(e)) from None
+
+
+def setup_students(args, runs, device, amp_dtype):
+    """Each student's learning rate, optimizer and loss scaler, run folder lock, resume (student, projectors,
+    optimizer, scaler, then the exact-resume state), EMA, DDP and compile. Returns where training starts."""
+    use_scaler = args.amp and amp_dtype == torch.float16 and device.type == 'cuda'
+    for r in runs:
+        a = r.args
+        a.num_classes = args.num_classes
+        if a.lr is None:  # from --lr-base and the global batch: recorded in the student's own args
+            resolve_lr(a)
+        r.optimizer = create_optimizer_v2(r.task.get_trainable_module(), **optimizer_kwargs(cfg=a), **a.opt_kwargs,
+                                          **fused_optimizer_kwargs(a.opt, device, a.opt_kwargs))
+        r.loss_scaler = utils.NativeScaler(device=device.type) if use_scaler else None
+        r.config = run_config(a, RESUME_FREE_KEYS)
+        hold_run_lock(r.output_dir, a)  # one job per run folder; a new run never writes into a folder holding one
+    if len(runs) == 1 and args.resume:
+        runs[0].resume_path = find_resume(args.resume, runs[0].output_dir)
+    elif args.resume == 'auto':
+        resume_positions(runs)  # the newest position every healthy student's folder holds
+    start = None
+    for r in runs:
+        a = r.args
+        check_same_resume(r.resume_path, args.distributed)
+        epoch, batch, r.extras = resume_checkpoint(a, r.task, r.optimizer, r.loss_scaler, r.resume_path, r.config)
+        start = start or (epoch, batch, r.extras)  # healthy students resume at one position
+        if utils.is_primary(args) and r.resume_path and not args.dry_run:  # rows of epochs trained again
+            truncate_summary(os.path.join(r.output_dir, 'summary.csv'), start[0])
+        if args.model_ema:  # exponential moving average of the trainable module (student + projectors)
+            r.task.setup_ema(decay=args.model_ema_decay, use_warmup=args.model_ema_warmup,
+                             device='cpu' if args.model_ema_force_cpu else None)
+            if r.resume_path:
+                load_task_ema_checkpoint(r.task, r.resume_path)
+        if args.distributed:  # DDP wraps the trainable module only, never the teacher
+            r.task.prepare_distributed(device_ids=[device] if device.type == 'cuda' else None,
+                                       **(dict(broadcast_buffers=False) if args.no_ddp_bb else {}))
+        if args.torchcompile:  # after DDP, so that its all-reduce overlaps the compiled backward
+            r.task.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
+            r.task.compile_ema(backend=args.torchcompile, mode=args.torchcompile_mode)
+    return start
+
+
+def start_outputs(args, runs, eval_metric, start_epoch, resume_batch, num_batches, device):
+    """Each student's checkpoint saver, args.yaml and TensorBoard writer (rank 0), LR schedule (a mid-epoch resume
+    continues at the update after the checkpoint) and non-finite guard; returns the number of epochs."""
+    updates_per_epoch = (num_batches + args.grad_accum_steps - 1) // args.grad_accum_steps
+    for r in runs:
+        a = r.args
+        if utils.is_primary(args):
+            check_output_dir(r.output_dir)
+            r.saver = RunSaver(model=r.task.get_eval_model(), optimizer=r.optimizer, args=a, amp_scaler=r.loss_scaler,
+                               checkpoint_dir=r.output_dir, recovery_dir=r.output_dir,
+                               decreasing=eval_metric == 'loss', max_history=args.checkpoint_hist, task=r.task,
+                               run_config=r.config)
+            if r.resume_path and os.path.dirname(os.path.abspath(r.resume_path)) == os.path.abspath(r.output_dir):
+                r.saver.load_state_dict_from_checkpoint(r.resume_path)
+                r.saver.adopt_recovery(r.resume_path)  # rotated away by the next recovery saves
+            with open(os.path.join(r.output_dir, 'args.yaml'), 'w') as f:
+                f.write(r.text + identity_yaml(a))
+            r.writer = tensorboard_writer(r.output_dir, r.resume_path, start_epoch, resume_batch, num_batches, a)
+            _logger.info(f'Output folder: {r.output_dir}')
+        r.scheduler, num_epochs = create_scheduler_v2(
+            r.optimizer, **scheduler_kwargs(a, decreasing_metric=eval_metric == 'loss'),
+            updates_per_epoch=updates_per_epoch)
+        if r.scheduler is not None and (start_epoch > 0 or resume_batch):
+            if args.sched_on_updates:
+                r.scheduler.step_update(start_epoch * updates_per_epoch + resume_batch // args.grad_accum_steps)
+            else:
+                r.scheduler.step(start_epoch)
+        r.guard = NonFiniteGuard(args.nonfinite, args.nonfinite_max_skips, distributed=args.distributed, device=device)
+        r.guard.skipped = (r.extras or {}).get('nonfinite_skipped', 0)
+    return num_epochs
 
 
 def setup_device(args):
@@ -702,26 +789,106 @@ def _output_dir(args, img_size):
     return os.path.join(args.output or './output/train', exp_name)
 
 
-def train_one_epoch(
-        epoch, task, loader, optimizer, args, device=torch.device('cuda'), lr_scheduler=None, saver=None,
-        writer=None, amp_autocast=suppress, loss_scaler=None, mixup_fn=None, guard=None, timer=None,
-        position: EpochPosition = None, output_dir='', measure_balance=False,
-):
-    """One epoch of updates; its metrics, or None when a stop signal ended it early. ``position``
+def end_epoch(epoch, runs, metrics, loader_eval, args, device, amp_autocast, eval_metric, num_epochs):
+    """After an epoch, each live student alone: BatchNorm statistics across ranks, validation, its summary row,
+    checkpoints and LR schedule; an error it meets stops it, the others go on."""
+    for r, train_metrics in zip(runs, metrics):
+        if not r.live:
+            continue
+        try:
+            if args.distributed and args.dist_bn in ('broadcast', 'reduce'):
+                utils.distribute_bn(r.task.get_trainable_module(), args.world_size, args.dist_bn == 'reduce')
+            eval_metrics = None
+            if loader_eval is not None and ((epoch + 1) % args.val_interval == 0 or epoch + 1 == num_epochs):
+                if utils.is_primary(args) and len(runs) > 1:
+                    _logger.info(f'Student {r.name}:')
+                eval_metrics = validate_task(r.task, loader_eval, r.args, device, amp_autocast, logger=_logger)
+            if utils.is_primary(args):
+                write_summary(epoch, train_metrics, eval_metrics, r.optimizer, r.task, r.args, r.writer, r.output_dir,
+                              has_eval=loader_eval is not None)
+                metric = eval_metrics[eval_metric] if eval_metrics else None
+                r.best_metric, r.best_epoch = r.saver.save_checkpoint(
+                    epoch, metric=metric, run_state=dict(nonfinite_skipped=r.guard.skipped))
+            if r.scheduler is not None:
+                r.scheduler.step(epoch + 1, eval_metrics[eval_metric] if eval_metrics else None)
+        except FatalError as e:
+            stop_student(r, runs, e, epoch, -1, 'at the end of the epoch')
+
+
+def stop_student(r, runs, e, epoch, batch_idx, where):
+    """``r`` stops (its non-finite policy, or an error of its own); the others go on. In a joint run its folder gets
+    a stop marker, so ``--resume auto`` of the joint run leaves it stopped."""
+    r.error = f'{e} ({where})'
+    if len(runs) > 1:
+        _logger.error(f'Student {r.name} stopped, the other students go on: {e}')
+        if utils.is_primary(r.args):
+            write_stop_marker(r.output_dir, str(e), epoch, batch_idx)
+    else:
+        log_startup_error(_logger, e)
+    r.optimizer.zero_grad()
+
+
+def report_students(args, runs):
+    if not utils.is_primary(args):
+        return
+    for r in runs:
+        if len(runs) == 1 and r.best_metric is not None:
+            _logger.info(f'*** Best metric: {r.best_metric} (epoch {r.best_epoch})')
+        elif len(runs) > 1:
+            state = f'stopped: {r.error}' if r.error else f'best metric {r.best_metric} (epoch {r.best_epoch})'
+            _logger.info(f'*** Student {r.name}: {state}')
+
+
+def student_step(r, input, target, args, amp_autocast, need_update, accum, num_updates):
+    """One student's forward, backward, gradient norm and clip, non-finite policy and optimizer step (with
+    gradient accumulation); True when its update is skipped. --nonfinite skip past its limit raises FatalError."""
+    with r.stream, (r.task.no_sync() if args.distributed and not need_update else suppress()):
+        with amp_autocast():
+            out = r.task(input, target)
+        terms = OrderedDict((k, v.detach()) for k, v in out.items() if k.startswith('loss'))
+        loss = out['loss'] / accum
+        del out
+        a = r.args
+        clip_params = partial(r.task.get_clip_parameters, exclude_head='agc' in a.clip_mode)
+        skip = False
+        if r.loss_scaler is not None:
+            skip = r.guard.skip_update(terms, num_updates)
+            if not skip:
+                r.loss_scaler(loss, r.optimizer, clip_grad=a.clip_grad, clip_mode=a.clip_mode,
+                              parameters=clip_params(), need_update=need_update)
+        else:
+            loss.backward()
+            if need_update:  # one gradient norm per update: non-finite check, --clip-grad and the log line
+                r.grad_norm = norm_and_clip(r.task.get_trainable_module().parameters(), a.clip_grad, a.clip_mode,
+                                            clip_params())
+                norm = {} if r.grad_norm is None else {'gradient': r.grad_norm}
+                skip = r.guard.skip_update(dict(terms, **norm), num_updates)
+                if not skip:
+                    r.optimizer.step()
+    r.sums.add(terms, input.shape[0])
+    if need_update:
+        r.optimizer.zero_grad()
+        if not skip:
+            r.task.update_ema(step=num_updates + 1)
+    return skip
+
+
+def train_one_epoch(epoch, runs, loader, args, device, amp_autocast, mixup_fn, timer, position, memo=None,
+                    measure_balance=False):
+    """One epoch of every live student on the same batches (one student: a solo run); [metrics per student], or
+    None when a stop signal ended it (each live student's recovery checkpoint written). ``position``
     (runtime.resume.EpochPosition) resumes inside the epoch from a recovery checkpoint (skip + RNG replay)."""
     # every epoch starts from its own seed, so a resumed run sees the same sampler order and worker seeds
     utils.random_seed(args.seed + epoch * 4099, args.rank)
-    task.train()
-
     accum_steps = args.grad_accum_steps
     num_batches = len(loader)
     updates_per_epoch = (num_batches + accum_steps - 1) // accum_steps
     last_accum_steps = num_batches % accum_steps or accum_steps
     last_batch_idx_to_accum = num_batches - last_accum_steps
     num_updates = epoch * updates_per_epoch + position.start_batch // accum_steps
-    sums = TermSums(device, args.distributed, position.saved.get('epoch_sums'), primary=utils.is_primary(args))
+    start_students(epoch, runs, position, args, device)
+    counts = (memo.runs, memo.hits) if memo is not None else (0, 0)
     timer.start_epoch()
-    optimizer.zero_grad()
     for batch_idx, (input, target) in enumerate(loader):
         if position.skip(batch_idx):  # resumed mid-epoch: this batch was trained before the stop
             timer.restart()
@@ -732,79 +899,117 @@ def train_one_epoch(
         accum = last_accum_steps if batch_idx >= last_batch_idx_to_accum else accum_steps
         input, target = device_batch(input, target, args, device, mixup_fn)
         timer.data_ready()
-        if measure_balance and batch_idx == 0:
-            log_loss_balance(args, task, input, target, amp_autocast, output_dir)
-
-        def _backward(_loss, _terms):
-            clip_params = partial(task.get_clip_parameters, exclude_head='agc' in args.clip_mode)
-            if loss_scaler is not None:
-                if guard.skip_update(_terms, num_updates):
-                    return True
-                loss_scaler(_loss, optimizer, clip_grad=args.clip_grad, clip_mode=args.clip_mode,
-                            parameters=clip_params(), need_update=need_update)
-                return False
-            _loss.backward()
-            if need_update:  # one gradient norm per update: non-finite check, --clip-grad and the log line
-                timer.grad_norm = norm_and_clip(task.get_trainable_module().parameters(), args.clip_grad,
-                                                args.clip_mode, clip_params())
-                norm = {} if timer.grad_norm is None else {'gradient': timer.grad_norm}
-                if guard.skip_update(dict(_terms, **norm), num_updates):
-                    return True
-                optimizer.step()
-            return False
-
-        with (task.no_sync() if args.distributed and not need_update else suppress()):
-            with amp_autocast():
-                out = task(input, target)
-            terms = OrderedDict((k, v.detach()) for k, v in out.items() if k.startswith('loss'))
-            skip = _backward(out['loss'] / accum, terms)
-        sums.add(terms, input.shape[0])
+        with memo.batch() if memo is not None else suppress():  # one teacher forward for every student
+            for r in [r for r in runs if r.live]:
+                if measure_balance and batch_idx == 0:
+                    log_loss_balance(r.args, r.task, input, target, amp_autocast, r.output_dir)
+                try:
+                    student_step(r, input, target, args, amp_autocast, need_update, accum, num_updates)
+                except FatalError as e:  # --nonfinite skip past its limit: this student stops
+                    stop_student(r, runs, e, epoch, batch_idx, f'epoch {epoch} batch {batch_idx}')
         timer.samples += input.shape[0]
+        if not any(r.live for r in runs):
+            return [None] * len(runs)
         if not need_update:
             position.batch_done()
             timer.next_batch()
             continue
 
         num_updates += 1
-        optimizer.zero_grad()
-        if not skip:
-            task.update_ema(step=num_updates)
         if args.synchronize_step and device.type == 'cuda':
             torch.cuda.synchronize()
         timer.update_done()
-
         log_now = update_idx % args.log_interval == 0 or last_batch
         if log_now:
-            guard.flush()  # abort policy: a non-finite term of any update since the last check stops here
-            log_train_step(epoch, update_idx, updates_per_epoch, num_updates, sums.means(), optimizer, timer, writer,
-                           task.pop_teacher_ms() if hasattr(task, 'pop_teacher_ms') else None, accum_steps,
-                           primary=utils.is_primary(args))
-
+            log_students(epoch, update_idx, updates_per_epoch, num_updates, runs, timer, accum_steps, args)
         # a stop signal: agreed on every update in one process, across ranks at log points and every 10 updates
         stop = stop_requested(args.distributed, device) if not args.distributed or log_now or \
             num_updates % 10 == 0 else False
         check_bad_images(loader, device, now=log_now or num_updates % 10 == 0)  # --max-bad-images: all ranks
         if stop or (args.recovery_interval and num_updates % args.recovery_interval == 0 and not last_batch):
-            guard.flush()
-            run_state = dict(**position.rng_states(args.distributed), epoch_sums=sums.state(),
-                             nonfinite_skipped=guard.skipped)
-            if saver is not None:
-                saver.save_recovery(epoch, batch_idx, run_state=run_state)
+            save_recovery(epoch, batch_idx, runs, position, args)
             if stop:
-                if utils.is_primary(args):
-                    _logger.warning(f'Stopped at epoch {epoch} batch {batch_idx}; recovery checkpoint written. '
+                if utils.is_primary(args) and any(r.live for r in runs):
+                    _logger.warning(f'Stopped at epoch {epoch} batch {batch_idx}; recovery checkpoint'
+                                    f'{"s written for every student" if len(runs) > 1 else " written"}. '
                                     f'Continue with --resume auto (exit code {EXIT_PREEMPTED}).')
                 return None
-
-        if lr_scheduler is not None:
-            lr_scheduler.step_update(num_updates=num_updates, metric=None)
+        if not any(r.live for r in runs):
+            return [None] * len(runs)
+        for r in runs:
+            if r.live and r.scheduler is not None:
+                r.scheduler.step_update(num_updates=num_updates, metric=None)
         position.batch_done()
         timer.next_batch()
 
-    if hasattr(optimizer, 'sync_lookahead'):
-        optimizer.sync_lookahead()
-    return OrderedDict(sums.means(), img_per_s=timer.images_per_s.avg, data_time=timer.data.avg,
-                       nonfinite_skipped=guard.skipped)
+    if memo is not None and utils.is_primary(args):
+        _logger.info(f'Epoch {epoch}: the teacher ran {memo.runs - counts[0]} times for '
+                     f'{memo.runs - counts[0] + memo.hits - counts[1]} student steps')
+    return [end_train_metrics(r, timer) for r in runs]
+
+
+def start_students(epoch, runs, position, args, device):
+    """At an epoch's start: each live student in train mode, its loss sums, its own RNG stream (several students;
+    resumed inside this epoch: the saved sums and stream) and no gradient."""
+    for r in runs:
+        if not r.live:
+            continue
+        r.task.train()
+        saved = (r.extras or {}) if position.start_batch else {}
+        r.sums = TermSums(device, args.distributed, saved.get('epoch_sums'), primary=utils.is_primary(args))
+        r.stream = StudentStream(own_stream(saved.get('student_rng'), args.rank, args.world_size, r.name),
+                                 enabled=len(runs) > 1)
+        r.optimizer.zero_grad()
+
+
+def log_students(epoch, update_idx, updates_per_epoch, num_updates, runs, timer, accum_steps, args):
+    """A log step: each live student's non-finite check (abort policy: it stops alone) and its console line."""
+    teacher_ms = [r.task.pop_teacher_ms() for r in runs if r.live and hasattr(r.task, 'pop_teacher_ms')]
+    teacher_ms = sum(t or 0. for t in teacher_ms) if any(t is not None for t in teacher_ms) else None
+    first = True
+    for r in runs:
+        if not r.live:
+            continue
+        try:
+            r.guard.flush()  # abort policy: a non-finite term of any update since the last check stops here
+        except FatalError as e:
+            stop_student(r, runs, e, epoch, -1, f'epoch {epoch} update {update_idx}')
+            continue
+        timer.grad_norm = r.grad_norm
+        if utils.is_primary(args) and len(runs) > 1:
+            _logger.info(f'Student {r.name}:')
+        log_train_step(epoch, update_idx, updates_per_epoch, num_updates, r.sums.means(), r.optimizer, timer,
+                       r.writer, teacher_ms if first else None, accum_steps, primary=utils.is_primary(args))
+        first = False
+
+
+def save_recovery(epoch, batch_idx, runs, position, args):
+    """A recovery point or a stop: each live student's non-finite check (a student that fails it stops alone and
+    gets no recovery file), then its recovery checkpoint with the exact-resume state."""
+    rng = position.rng_states(args.distributed)
+    for r in runs:
+        if not r.live:
+            continue
+        try:
+            r.guard.flush()
+        except FatalError as e:
+            stop_student(r, runs, e, epoch, batch_idx, f'epoch {epoch} batch {batch_idx}')
+            continue
+        state = dict(**rng, epoch_sums=r.sums.state(), nonfinite_skipped=r.guard.skipped)
+        if len(runs) > 1:  # each student's own RNG stream, of every rank
+            state['student_rng'] = gather(args.distributed, r.stream.state)
+        if r.saver is not None:
+            r.saver.save_recovery(epoch, batch_idx, run_state=state)
+
+
+def end_train_metrics(r, timer):
+    """A live student's epoch metrics (loss means over ranks, img/s, data wait, skipped updates); None if stopped."""
+    if not r.live:
+        return None
+    if hasattr(r.optimizer, 'sync_lookahead'):
+        r.optimizer.sync_lookahead()
+    return OrderedDict(r.sums.means(), img_per_s=timer.images_per_s.avg, data_time=timer.data.avg,
+                       nonfinite_skipped=r.guard.skipped)
 
 
 if __name__ == '__main__':

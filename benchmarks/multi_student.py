@@ -38,7 +38,7 @@ import timm  # noqa: E402
 
 import models  # noqa: E402,F401  registers the demo models
 from distillers import build_task  # noqa: E402
-from joint import TeacherMemo  # noqa: E402
+from distillers.memo import TeacherMemo  # noqa: E402
 
 
 def _parser():

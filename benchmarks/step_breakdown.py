@@ -74,6 +74,7 @@ from runtime.device import check_compile, check_precision  # noqa: E402
 from runtime.metrics import StepTimer  # noqa: E402
 from runtime.nonfinite import NonFiniteGuard  # noqa: E402
 from runtime.resume import EpochPosition  # noqa: E402
+from runtime.students import StudentRun  # noqa: E402
 
 # the parts whose sum the full step is compared with
 STEP_PARTS = ('teacher_fwd', 'student_fb', 'heads_fb', 'optimizer')
@@ -465,10 +466,10 @@ def run_trainer(ctx, args, amp, steps: int):
     targs.log_interval, targs.recovery_interval, targs.grad_accum_steps = 10 ** 9, 0, max(1, args.grad_accum_steps)
     loader = FirstBatches(ctx['loader'], steps)
     timer = StepTimer(0, len(loader), 1)
-    metrics = train_kd.train_one_epoch(
-        0, ctx['task'], loader, ctx['optimizer'], targs, device=ctx['device'], amp_autocast=amp,
-        guard=NonFiniteGuard(args.nonfinite, args.nonfinite_max_skips, device=ctx['device']), timer=timer,
-        position=EpochPosition(), output_dir='')
+    student = StudentRun(targs, '', '')  # train_kd.py's loop takes a list of students: a solo run is a list of one
+    student.task, student.optimizer = ctx['task'], ctx['optimizer']
+    student.guard = NonFiniteGuard(args.nonfinite, args.nonfinite_max_skips, device=ctx['device'])
+    metrics, = train_kd.train_one_epoch(0, [student], loader, targs, ctx['device'], amp, None, timer, EpochPosition())
     _sync(ctx['device'])
     return dict(img_per_s=metrics['img_per_s'], updates=len(loader), ms=1e3 * timer.update.avg,
                 data_wait=timer.data.avg / max(timer.update.avg, 1e-9))

@@ -6,9 +6,11 @@ its flags in ``add_distill_args``, their checks in ``check_distill_args`` and th
 these functions. ``criterion_kwargs`` maps timm's loss flags to the student's own loss.
 """
 import argparse
+import copy
 import os
 from typing import Any, Dict, List, Tuple
 
+import yaml
 from timm import utils
 
 from .balance import DEFAULT_FACTOR
@@ -100,7 +102,10 @@ def distiller_names(text: str) -> str:
 
 
 def student_list(args: argparse.Namespace, parser_error) -> List[Tuple[str, str]]:
-    """[(model, distiller)] of ``--model A,B,C`` and ``--distiller`` (one name for all, or one per student)."""
+    """[(model, distiller)] of ``--model A,B,C`` and ``--distiller`` (one name for all, or one per student), after
+    timm's rule (``--kd-model-name`` alone turns logit KD on), so a joint run trains what its solo runs train."""
+    if args.distiller == 'none' and timm_rule_distiller(args):
+        args.distiller = timm_rule_distiller(args)
     names = [m.strip() for m in str(args.model).split(',')]
     distillers = str(args.distiller).split(',')
     if len(distillers) == 1:
@@ -109,6 +114,23 @@ def student_list(args: argparse.Namespace, parser_error) -> List[Tuple[str, str]
         parser_error(f'--distiller {args.distiller} names {len(distillers)} distillers for {len(names)} students '
                      f'(--model {args.model}); give one for all or one per student')
     return list(zip(names, distillers))
+
+
+def student_args(args: argparse.Namespace, model: str, distiller: str, experiment: str
+                 ) -> Tuple[argparse.Namespace, str]:
+    """One student's own args (a deep copy: no dict or list is shared with another student) and the args.yaml text a
+    solo run of it writes (before the checks resolve anything, as the solo run's)."""
+    a = argparse.Namespace(**copy.deepcopy(vars(args)))
+    a.model, a.distiller, a.experiment = model, distiller, experiment
+    # a distillation flag applies to the students whose distiller uses it (an ablation passes --kd-weight for kd)
+    if distiller not in KD_WEIGHT_USERS:
+        a.kd_weight = None
+    if distiller in ('none', 'dist'):
+        a.distill_loss_weight = a.task_loss_weight = None
+    if distiller == 'none':  # the no-teacher baseline: a solo run of it names no teacher
+        a.teacher, a.teacher_checkpoint, a.kd_model_name, a.kd_distill_type = '', '', None, None
+        a.kd_temperature, a.teacher_features_only = None, False
+    return a, yaml.safe_dump(vars(a), default_flow_style=False)
 
 
 def task_kwargs(args: argparse.Namespace, img_size: Tuple[int, int]) -> Dict[str, Any]:
@@ -291,6 +313,15 @@ def describe_kd_settings(args: argparse.Namespace) -> str:
     return f'--distiller {args.distiller}: {temp}{weights}; values not set take {source} defaults'
 
 
+def timm_rule_distiller(args: argparse.Namespace) -> str:
+    """timm's rule for a run whose --distiller is unset: --kd-model-name NAME (or --kd-distill-type with a teacher)
+    turns distillation on, logit KD unless --kd-distill-type says otherwise; '' when it does not apply."""
+    kd_type = getattr(args, 'kd_distill_type', None)
+    if getattr(args, 'kd_model_name', None) or (kd_type is not None and args.teacher):
+        return TIMM_DISTILL_TYPES[kd_type or 'logit']
+    return ''
+
+
 def resolve_timm_kd_args(parser_error, args: argparse.Namespace) -> None:
     """Map timm's KD flags onto this project's (--kd-model-name -> --teacher, --kd-distill-type -> --distiller);
     contradictions stop with a message naming both flags."""
@@ -309,8 +340,8 @@ def resolve_timm_kd_args(parser_error, args: argparse.Namespace) -> None:
         if args.distiller not in ('none', wanted):
             parser_error(f'--kd-distill-type {kd_type} means --distiller {wanted}, but --distiller {args.distiller} '
                          f'is set; pass only one of them')
-    if args.distiller == 'none' and (name or (kd_type is not None and args.teacher)):
-        args.distiller = TIMM_DISTILL_TYPES[kd_type or 'logit']
+    if args.distiller == 'none' and timm_rule_distiller(args):
+        args.distiller = timm_rule_distiller(args)
     for flag, w in (('--distill-loss-weight', args.distill_loss_weight), ('--task-loss-weight', args.task_loss_weight)):
         if w is not None and not (w >= 0 and w < float('inf')):
             parser_error(f'{flag} must be a finite number >= 0, got {w}')

@@ -47,6 +47,6 @@ def test_no_script_imports_another_scripts_private_names():
 
 def test_training_script_sizes():
     with open(os.path.join(ROOT, 'train_kd.py')) as f:
-        assert len(f.read().splitlines()) <= 900
+        assert len(f.read().splitlines()) <= 1150
     funcs = {n.name: n.end_lineno - n.lineno + 1 for n in _tree('train_kd.py').body if isinstance(n, ast.FunctionDef)}
-    assert funcs['train'] <= 200 and funcs['train_one_epoch'] <= 110
+    assert funcs['train'] <= 120 and funcs['train_one_epoch'] <= 120 and funcs['student_step'] <= 120

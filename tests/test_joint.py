@@ -108,8 +108,10 @@ def test_student_lists_recipes_and_sub_folders(image_folder, teacher_ckpt, tmp_p
     caplog.set_level(logging.INFO)
     assert train_kd.main(argv) == 0
     assert not (tmp_path / 'ladder').exists()  # a dry run writes nothing
-    # one batch for all: the two kd students' 6 forwards (loss balance + 2 steps each) ran the teacher once
-    assert 'Joint dry run: the teacher ran 1 times for 6 student forwards' in caplog.text
+    # each student's own step time with its teacher in every step, then whole joint steps with the teacher once each
+    assert caplog.text.count('Student scalekd_demo_resnet-kd (alone, its teacher in every step):') == 1
+    assert re.search(r'Joint dry run: 3 students, one joint step \(the teacher once, then every student\) '
+                     r'[\d.]+, [\d.]+ s .*img/s per student; the teacher ran 2 times in 2 joint steps', caplog.text)
     assert train_kd.main(argv[:-1]) == 0
     assert sorted(os.listdir(tmp_path / 'ladder')) == ['scalekd_demo_mixer-kd', 'scalekd_demo_resnet-kd',
                                                        'scalekd_demo_resnet-none']
@@ -120,7 +122,7 @@ def test_student_lists_recipes_and_sub_folders(image_folder, teacher_ckpt, tmp_p
     assert before == {p: open(p, 'rb').read() for p in glob.glob(str(tmp_path / 'ladder' / '*' / '*.*'))}
     assert "already holds a run" in caplog.text and 'scalekd_demo_resnet-kd' in caplog.text
     # a pair that repeats gets an index
-    from joint import sub_folders
+    from runtime.students import sub_folders
     assert sub_folders([('resnet50d', 'kd'), ('resnet50d', 'kd'), ('resnet50d', 'kd')]) == [
         'resnet50d-kd', 'resnet50d-kd-2', 'resnet50d-kd-3']
     for bad, message in ((['--distiller', 'kd,dist'], 'names 2 distillers for 3 students'),
