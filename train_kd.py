@@ -525,6 +525,7 @@ def build_students(args, runs, device, in_chans, amp_dtype):
     for r in runs:
         set_rng_state(rng_start)
         a = r.args
+        a.num_classes = args.num_classes  # from the data
         model = create_student(a, in_chans)
         cfg = resolve_data_config(vars(a), model=model, verbose=utils.is_primary(a) and data_config is None)
         if data_config is not None and any(cfg[k] != data_config[k] for k in SHARED_DATA):
@@ -573,7 +574,6 @@ def setup_students(args, runs, device, amp_dtype):
     use_scaler = args.amp and amp_dtype == torch.float16 and device.type == 'cuda'
     for r in runs:
         a = r.args
-        a.num_classes = args.num_classes
         if a.lr is None:  # from --lr-base and the global batch: recorded in the student's own args
             resolve_lr(a)
         r.optimizer = create_optimizer_v2(r.task.get_trainable_module(), **optimizer_kwargs(cfg=a), **a.opt_kwargs,
