@@ -464,7 +464,7 @@ def train(args, runs):
     num_epochs = start_outputs(args, live, eval_metric, start_epoch, resume_batch, len(loader_train), device)
     if utils.is_primary(args):
         _logger.info(f'Scheduled epochs: {num_epochs}, {updates_per_epoch} updates per epoch.' + (
-            f' Joint run: {len(live)} students, one teacher forward per batch.' if len(runs) > 1 else ''))
+            f' Joint run: {len(live)} of {len(runs)} students, one teacher forward per batch.' if len(runs) > 1 else ''))
 
     restore_signal_handlers = install_signal_handlers()
     timer = StepTimer(start_epoch * updates_per_epoch + resume_batch // args.grad_accum_steps,
@@ -474,12 +474,12 @@ def train(args, runs):
     try:
         for epoch in range(start_epoch, num_epochs):
             start_data_epoch(epoch, dataset_train, loader_train, mixup_fn, args)  # sampler epoch, --mixup-off-epoch
-            metrics = train_one_epoch(epoch, live, loader_train, args, device, amp_autocast, mixup_fn, timer,
+            metrics = train_one_epoch(epoch, runs, loader_train, args, device, amp_autocast, mixup_fn, timer,
                                       position, memo, measure_balance=measure_balance and epoch == start_epoch)
             if metrics is None:  # stopped by a signal; every live student's recovery checkpoint was written
                 exit_code = EXIT_PREEMPTED if any(r.live for r in live) else EXIT_FATAL
                 break
-            end_epoch(epoch, live, metrics, loader_eval, args, device, amp_autocast, eval_metric, num_epochs)
+            end_epoch(epoch, runs, metrics, loader_eval, args, device, amp_autocast, eval_metric, num_epochs)
             position.next_epoch()
             if not any(r.live for r in live):
                 break
@@ -921,7 +921,7 @@ def train_one_epoch(epoch, runs, loader, args, device, amp_autocast, mixup_fn, t
         timer.update_done()
         log_now = update_idx % args.log_interval == 0 or last_batch
         if log_now:
-            log_students(epoch, update_idx, updates_per_epoch, num_updates, runs, timer, accum_steps, args)
+            log_students(epoch, batch_idx, updates_per_epoch, num_updates, runs, timer, accum_steps, args)
         # a stop signal: agreed on every update in one process, across ranks at log points and every 10 updates
         stop = stop_requested(args.distributed, device) if not args.distributed or log_now or \
             num_updates % 10 == 0 else False
@@ -962,8 +962,9 @@ def start_students(epoch, runs, position, args, device):
         r.optimizer.zero_grad()
 
 
-def log_students(epoch, update_idx, updates_per_epoch, num_updates, runs, timer, accum_steps, args):
+def log_students(epoch, batch_idx, updates_per_epoch, num_updates, runs, timer, accum_steps, args):
     """A log step: each live student's non-finite check (abort policy: it stops alone) and its console line."""
+    update_idx = batch_idx // accum_steps
     teacher_ms = [r.task.pop_teacher_ms() for r in runs if r.live and hasattr(r.task, 'pop_teacher_ms')]
     teacher_ms = sum(t or 0. for t in teacher_ms) if any(t is not None for t in teacher_ms) else None
     first = True
@@ -973,7 +974,7 @@ def log_students(epoch, update_idx, updates_per_epoch, num_updates, runs, timer,
         try:
             r.guard.flush()  # abort policy: a non-finite term of any update since the last check stops here
         except FatalError as e:
-            stop_student(r, runs, e, epoch, -1, f'epoch {epoch} update {update_idx}')
+            stop_student(r, runs, e, epoch, batch_idx, f'epoch {epoch} update {update_idx}')
             continue
         timer.grad_norm = r.grad_norm
         if utils.is_primary(args) and len(runs) > 1:
