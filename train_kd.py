@@ -541,6 +541,8 @@ def build_students(args, runs, device, in_chans, amp_dtype):
         r.task = create_task(a, model, cfg, device, in_chans, teacher=teacher)
         if a.distiller != 'none' and teacher is None:
             teacher = r.task.teacher.model
+    for r in runs:  # every student built (each checks the shared teacher as it was created), then on the device
+        a = r.args
         r.task.to(device=device)
         if args.channels_last:  # the teacher too
             r.task.to(memory_format=torch.channels_last)

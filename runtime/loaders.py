@@ -83,6 +83,8 @@ def device_batch(input, target, args, device, mixup_fn=None):
     """A loader's batch as a step takes it: on ``device`` with Mixup/CutMix applied (timm's prefetcher has done both
     already), channels-last with ``--channels-last``."""
     if not args.prefetcher:
+        if isinstance(input, (list, tuple)):  # --aug-splits: the splits one after another, as timm's fast collate
+            input, target = torch.cat(input), target.repeat(len(input))
         input, target = input.to(device), target.to(device)
         if mixup_fn is not None:
             input, target = mixup_fn(input, target)
