@@ -394,10 +394,6 @@ def list_students(parser_error, args, args_text):
     if len(students) == 1:
         check_args(parser_error, args)
         return [StudentRun(args, args_text, None)]
-    if args.torchcompile:
-        parser_error('--torchcompile with several students: each task would compile its own copy of the teacher\'s '
-                     'forward around the shared one-pass teacher (the memo is Python state a compiled graph cannot '
-                     'keep); train them without --torchcompile, or one by one with it')
     if args.resume not in ('', 'auto'):
         parser_error(f"--resume {args.resume}: with several students pass --resume auto (each student resumes from "
                      f"its own sub-folder), or resume one student's folder with a solo run")
@@ -441,6 +437,8 @@ def train(args, runs):
 
     # per student: learning rate, optimizer, run folder and lock, resume, EMA, DDP, compile
     start_epoch, resume_batch, extras = setup_students(args, live, device, amp_dtype)
+    if args.torchcompile and memo is not None:  # the shared teacher's features: compiled once, for every student
+        memo.compile(backend=args.torchcompile, mode=args.torchcompile_mode)
     position = EpochPosition(resume_batch, extras if resume_batch else None)  # where the first epoch goes on
 
     # loaders and mixup (one loader for every student)

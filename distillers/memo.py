@@ -51,6 +51,10 @@ class TeacherMemo:
             self.key, self.value = key, value
         return value
 
+    # a task's compiled teacher graph calls the memo eagerly (its state lives outside any graph); the features it
+    # computes are compiled once, by ``compile``
+    __call__ = torch.compiler.disable(__call__)
+
     def compile(self, backend: str = 'inductor', mode=None) -> None:
         """``--torchcompile`` of a joint run: the shared teacher's features compiled once (each student's task keeps
         its own compiled trainable module; see ``DistillTask.compile(teacher=False)``)."""
