@@ -50,3 +50,18 @@ def test_training_script_sizes():
         assert len(f.read().splitlines()) <= 1150
     funcs = {n.name: n.end_lineno - n.lineno + 1 for n in _tree('train_kd.py').body if isinstance(n, ast.FunctionDef)}
     assert funcs['train'] <= 120 and funcs['train_one_epoch'] <= 120 and funcs['student_step'] <= 120
+
+
+def test_no_import_circle_between_scripts():
+    """The scripts import each other one way only (train_kd -> validate, export -> validate): a circle would mean a
+    second copy of a phase living in another script."""
+    scripts = sorted(os.path.splitext(p)[0] for p in glob.glob('*.py', root_dir=ROOT))
+    edges = {s: {m.split('.')[0] for m, _ in _imports(_tree(f'{s}.py'))} & set(scripts) - {s} for s in scripts}
+
+    def reach(start, seen=()):
+        for nxt in edges[start]:
+            assert nxt not in seen + (start,), f'import circle: {" -> ".join(seen + (start, nxt))}'
+            reach(nxt, seen + (start,))
+    for s in scripts:
+        reach(s)
+    assert not os.path.exists(os.path.join(ROOT, 'joint.py'))  # one training loop: train_kd.py's
