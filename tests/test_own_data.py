@@ -16,7 +16,7 @@ from timm.models import save_for_hf
 import models  # noqa: F401  (registers the demo models)
 import train_kd
 from distillers.teacher import check_model_name, teacher_head, weights_identity
-from tests.conftest import make_image_folder
+from conftest import make_image_folder  # (a test-extra dependency ships a top-level "tests" package)
 
 
 def _load(path):
