@@ -8,6 +8,7 @@
 * ``resume``: ``--resume auto``, the settings check, the position inside an epoch (skip + RNG replay).
 * ``runlock``: one run per run folder (a new run refuses a folder holding one), one job per run folder
   (``run.lock``: heartbeat, stale locks taken over).
+* ``lockholder``: who holds a run lock (host, boot, pid namespace) and whether its process still runs here.
 * ``signals``: SIGTERM / SIGUSR1 / SIGINT -> finish the step, save a recovery checkpoint, exit 75.
 * ``distributed``: a timeout for every collective, one line when a peer rank died.
 * ``data``: data-folder checks and ``BadImageGuard`` (unreadable images skipped, named and counted).
@@ -19,6 +20,7 @@
   optimizer steps on CUDA; the code version.
 * ``metrics``: loss-term sums over ranks, step timing, the console line + TensorBoard, ETA.
 
-Imports run one way: ``errors`` <- ``checkpoint`` <- ``saver``, ``resume`` (<- ``rng``); no file here
+Imports run one way: ``errors`` <- ``checkpoint`` <- ``saver``, ``resume`` (<- ``rng``); ``runlock`` also
+uses ``lockholder``; no file here
 imports ``distillers/``, ``models/``, ``config.py`` or a script.
 """

@@ -179,7 +179,7 @@ def load_state_extras(path: str, config: Dict[str, Any], rank: int = 0, world_si
         states = extras.get(key)
         if states is not None:
             own = states[rank] if rank < len(states) else None
-            extras[key] = rng_from_tensors(own) if own is not None else None
+            extras[key] = rng_from_tensors(own, rank) if own is not None else None
     return extras
 
 

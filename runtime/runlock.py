@@ -2,9 +2,10 @@
 
 * ``check_new_run_folder``: a new run (no ``--resume``) refuses a folder holding a run (``run_files``: a checkpoint,
   ``summary.csv`` or ``args.yaml``), naming ``--resume auto`` and the next free ``--experiment``.
-* ``RunLock``: ``<run>/run.lock`` (JSON: host, pid, SLURM job, since), created with ``O_CREAT|O_EXCL``, held for
-  the whole run, its mtime refreshed by a daemon thread (the heartbeat). Stale, and taken over with a warning: its
-  process is gone (same host), or its heartbeat is older than ``--lock-stale-minutes`` (another host; a stopped
+* ``RunLock``: ``<run>/run.lock`` (JSON: host, pid, pid namespace, SLURM job, since), created with
+  ``O_CREAT|O_EXCL``, held for the whole run, its mtime refreshed by a daemon thread (the heartbeat; a failed read
+  is retried at the next beat). Stale, and taken over with a warning: its process is gone (same host and pid
+  namespace), or its heartbeat is older than ``--lock-stale-minutes`` (another host or pid namespace; a stopped
   heartbeat is waited for until then, so a job killed with SIGKILL and requeued elsewhere continues by itself).
 * ``hold_run_lock`` / ``release_run_lock``: train_kd.py's two calls; rank 0 decides, every rank gets the verdict.
 """
@@ -12,7 +13,6 @@ import itertools
 import json
 import logging
 import os
-import socket
 import threading
 import time
 import uuid
@@ -23,15 +23,12 @@ from typing import Any, List, Optional, Tuple
 import torch.distributed as dist
 
 from .errors import FatalError
+from .lockholder import BOOT, HOST, PIDNS, describe, is_running, proc_stat, same_pid_namespace
 
 _logger = logging.getLogger('train')
 
 LOCK_NAME = 'run.lock'
 RUN_MARKERS = ('summary.csv', 'args.yaml')  # and every *.pth.tar
-HOST = socket.gethostname()
-_BOOT = ''  # this boot of the machine: a pid from another boot means nothing
-with suppress(OSError), open('/proc/sys/kernel/random/boot_id') as _f:
-    _BOOT = _f.read().strip()
 _held: List['RunLock'] = []  # the locks this process holds (a joint run: one per student; release_run_lock)
 
 
@@ -58,40 +55,9 @@ def check_new_run_folder(folder: str, experiment: str = '') -> None:
                          f"{next_free_name(folder, experiment)} (or another --output)")
 
 
-def _proc(pid: int) -> Optional[Tuple[str, str]]:
-    """(state, start time in ticks since boot) of a process from /proc; None when it does not exist."""
-    try:
-        with open(f'/proc/{int(pid)}/stat') as f:
-            fields = f.read().rsplit(')', 1)[1].split()  # after "pid (comm)": field 3 (state) onwards
-        return fields[0], fields[19]
-    except (OSError, ValueError, IndexError):
-        return None
-
-
-def _running(pid: Any, start: str) -> bool:
-    """Is ``pid`` (on this machine) still the process that wrote the lock?"""
-    if not isinstance(pid, int) or pid <= 0:
-        return False
-    if os.path.isdir('/proc/self'):
-        info = _proc(pid)
-        return info is not None and info[0] not in ('Z', 'X') and (not start or info[1] == start)
-    try:
-        os.kill(pid, 0)  # no /proc (macOS)
-    except ProcessLookupError:
-        return False
-    except OSError:  # another user's process
-        pass
-    return True
-
-
-def describe(holder: Optional[dict]) -> str:  # the lock holder, for messages
-    job = f", SLURM job {holder['job']}" if (holder or {}).get('job') else ''
-    return f"host {holder.get('host')}, pid {holder.get('pid')}{job}, since {holder.get('since')}" if holder \
-        else 'an unreadable lock'
-
-
 class RunLock:
     """``<folder>/run.lock`` for one job: ``acquire()`` (FatalError when another live job holds it), ``release()``."""
+    WARN_EVERY_S = 600  # a heartbeat whose reads keep failing warns again after this long
 
     def __init__(self, folder: str, stale_minutes: float = 10.0):
         self.folder, self.path = folder, os.path.join(folder, LOCK_NAME)
@@ -99,8 +65,8 @@ class RunLock:
         self.interval = min(60.0, self.stale_s / 10)  # heartbeat period; 3 missed beats: the holder stopped
         pid = os.getpid()
         self.holder = dict(host=HOST, pid=pid, since=datetime.now().astimezone().isoformat(timespec='seconds'),
-                           job=os.environ.get('SLURM_JOB_ID', ''), boot=_BOOT, start=(_proc(pid) or ('', ''))[1],
-                           token=uuid.uuid4().hex)
+                           job=os.environ.get('SLURM_JOB_ID', ''), boot=BOOT, pidns=PIDNS,
+                           start=(proc_stat(pid) or ('', ''))[1], token=uuid.uuid4().hex)
         self._stop, self._thread = threading.Event(), None
 
     def _create(self) -> bool:
@@ -113,18 +79,23 @@ class RunLock:
             json.dump(self.holder, f, indent=1)
         return True
 
-    def _read(self) -> Optional[Tuple[Optional[dict], float]]:
-        """(holder, or None if unreadable; mtime) of the lock file; None when there is none."""
+    def _read(self, strict: bool = False) -> Optional[Tuple[Optional[dict], float]]:
+        """(holder, or None if unreadable; mtime) of the lock file; None when there is none. ``strict``: a read
+        error (``OSError``, ``ValueError`` for a file that is not a JSON object) is raised instead."""
         holder, mtime = None, time.time()
         try:
             mtime = os.stat(self.path).st_mtime
             with open(self.path) as f:
                 holder = json.load(f)
+            if not isinstance(holder, dict):
+                raise ValueError('not a JSON object')
         except FileNotFoundError:
             return None
         except (OSError, ValueError):
-            pass
-        return (holder if isinstance(holder, dict) else None), mtime
+            if strict:
+                raise
+            holder = None
+        return holder, mtime
 
     def _ours(self, seen) -> bool:
         return seen is not None and (seen[0] or {}).get('token') == self.holder['token']
@@ -132,13 +103,14 @@ class RunLock:
     def _judge(self, holder: Optional[dict], age: float) -> Tuple[str, str]:
         """('held' | 'wait' | 'stale', why) for a lock file ``age`` seconds after its last heartbeat."""
         if holder and holder.get('host') == HOST:
-            if holder.get('boot') and _BOOT and holder['boot'] != _BOOT:
+            if holder.get('boot') and BOOT and holder['boot'] != BOOT:
                 return 'stale', 'this machine restarted since'
-            if holder.get('pid') == os.getpid():
-                return 'stale', 'left by this process'
-            if not _running(holder.get('pid'), holder.get('start', '')):
-                return 'stale', f"its process {holder.get('pid')} is gone"
-            return 'held', ''
+            if same_pid_namespace(holder):  # else (a container on this host): its pid means nothing here
+                if holder.get('pid') == os.getpid():
+                    return 'stale', 'left by this process'
+                if not is_running(holder.get('pid'), holder.get('start', '')):
+                    return 'stale', f"its process {holder.get('pid')} is gone"
+                return 'held', ''
         if age > self.stale_s:
             return 'stale', f'no heartbeat for {age / 60:.1f} min (--lock-stale-minutes {self.stale_s / 60:g})'
         return ('wait' if age > 3 * self.interval else 'held'), ''
@@ -191,9 +163,14 @@ class RunLock:
         self._thread.start()
 
     def _beat(self) -> None:
+        """Refresh the lock's mtime every beat. Only a readable lock naming another holder ends the heartbeat;
+        a failed read or write (NFS ESTALE/EIO, too many open files) is retried at the next beat (while a read
+        fails, the mtime is still refreshed: no other job replaces a lock whose heartbeat goes on), and logged
+        at its first beat and then at most every ``WARN_EVERY_S``."""
+        failed, warned = 0, -float('inf')
         while not self._stop.wait(self.interval):
             try:
-                seen = self._read()
+                seen = self._read(strict=True)
                 if seen is None:  # deleted by hand: put it back
                     self._create()
                 elif not self._ours(seen):
@@ -202,8 +179,18 @@ class RunLock:
                     return
                 else:
                     os.utime(self.path)
-            except OSError as e:
-                _logger.warning(f"could not refresh the run lock '{self.path}' ({e.strerror}); retrying")
+                if failed:
+                    _logger.info(f"run lock '{self.path}' refreshed again after {failed} failed beat(s)")
+                failed, warned = 0, -float('inf')
+            except (OSError, ValueError) as e:
+                failed += 1
+                with suppress(OSError):
+                    os.utime(self.path)
+                if time.monotonic() - warned > self.WARN_EVERY_S:
+                    warned = time.monotonic()
+                    _logger.warning(f"could not read or refresh the run lock '{self.path}' "
+                                    f"({getattr(e, 'strerror', None) or e}); the heartbeat goes on and retries at "
+                                    f"every beat (this warning at most every {self.WARN_EVERY_S // 60} min)")
 
     def release(self) -> None:
         self._stop.set()

@@ -14,6 +14,7 @@ from timm.models import safe_model_name
 from .checkpoint import atomic_write
 from .errors import FatalError
 from .resume import checkpoint_position, is_valid_checkpoint
+from .rng import set_cuda_rng_states
 
 _logger = logging.getLogger('train')
 
@@ -51,21 +52,20 @@ def sub_folders(students: List[Tuple[str, str]]) -> List[str]:
 
 # --- each student's own torch RNG stream (drop-path, dropout) in a joint step -----------------------------------------
 def torch_rng() -> dict:
-    """The torch RNG state (CPU, and every visible CUDA device)."""
+    """The torch RNG state (CPU, every visible CUDA device, and the device this process runs on)."""
     state = {'cpu': torch.get_rng_state()}
     if torch.cuda.is_available():
         state['cuda'] = torch.cuda.get_rng_state_all()
+        state['cuda_device'] = torch.cuda.current_device()
     return state
 
 
 def set_torch_rng(state: dict) -> None:
-    """Restore ``torch_rng()``'s state; CUDA states only for devices that exist (a run resumed where each process sees
-    fewer GPUs than the one that saved restores the devices it has, never raises IndexError)."""
+    """Restore ``torch_rng()``'s state; CUDA states through ``rng.set_cuda_rng_states`` (a run resumed where each
+    process sees another number of GPUs gets its own device's saved stream, never an IndexError)."""
     torch.set_rng_state(state['cpu'])
-    saved = state.get('cuda')
-    if saved is not None and torch.cuda.is_available():
-        for i in range(min(len(saved), torch.cuda.device_count())):
-            torch.cuda.set_rng_state(saved[i], i)
+    if state.get('cuda') is not None:
+        set_cuda_rng_states(state['cuda'], state.get('cuda_device'))
 
 
 class StudentStream:

@@ -6,8 +6,10 @@ second job (two real train_kd.py processes) out of a running folder; a lock whos
 warning, and a stopped (exit 75) or killed run continues with --resume auto.
 """
 import csv
+import errno
 import hashlib
 import json
+import logging
 import os
 import signal
 import socket
@@ -17,6 +19,7 @@ import time
 
 import pytest
 
+import runtime.lockholder as lockholder
 import runtime.runlock as runlock
 import train_kd
 from conftest import make_image_folder
@@ -188,7 +191,7 @@ def test_lock_rules(tmp_path, caplog):
     try:
         # a live process on this host holds it, however old its heartbeat; the same pid with another start time
         # (the pid was reused) does not
-        path = _write_lock(folder, pid=live.pid, start=runlock._proc(live.pid)[1])
+        path = _write_lock(folder, pid=live.pid, start=lockholder.proc_stat(live.pid)[1])
         os.utime(path, (0, 0))
         with pytest.raises(FatalError, match=f'is in use by another job \\(host {socket.gethostname()}, pid '
                                              f'{live.pid}'):
@@ -228,6 +231,65 @@ def test_lock_rules(tmp_path, caplog):
     lock.release()
     assert not os.path.exists(path)
 
+
+
+def test_a_failed_read_of_the_lock_keeps_the_heartbeat_beating(tmp_path, caplog, monkeypatch):
+    """NFS ESTALE/EIO or too many open files on a read of run.lock: the heartbeat goes on (one warning), and only a
+    readable lock naming another holder ends it."""
+    caplog.set_level(logging.INFO, logger='train')
+    lock = runlock.RunLock(str(tmp_path / 'beat'), stale_minutes=0.02)  # 1.2 s, a beat every 0.12 s
+    lock.acquire()
+    failed, real_open = [], open
+
+    def flaky_open(file, *args, **kwargs):
+        if file == lock.path and len(failed) < 3:
+            failed.append(time.time())
+            raise OSError(errno.ESTALE, os.strerror(errno.ESTALE), file)
+        return real_open(file, *args, **kwargs)
+
+    try:
+        os.utime(lock.path, (time.time() - 100,) * 2)
+        monkeypatch.setattr(runlock, 'open', flaky_open, raising=False)
+        t0 = time.time()
+        while 'refreshed again after 3 failed beat(s)' not in caplog.text and time.time() - t0 < 10:
+            time.sleep(0.05)
+        assert len(failed) == 3 and os.path.getmtime(lock.path) > failed[-1] and lock._thread.is_alive()
+        assert caplog.text.count('could not read or refresh the run lock') == 1, caplog.text
+        assert 'Stale file handle' in caplog.text and 'taken over' not in caplog.text
+        # a readable lock of another holder: the heartbeat reports it and stops; release leaves that lock alone
+        _write_lock(lock.folder, pid=1, host='elsewhere')
+        lock._thread.join(timeout=10)
+        assert not lock._thread.is_alive() and "was taken over by host elsewhere, pid 1" in caplog.text
+    finally:
+        lock.release()
+    assert json.loads(open(lock.path).read())['host'] == 'elsewhere'
+
+
+@pytest.mark.skipif(not os.path.exists('/proc/self/ns/pid'), reason='pid namespaces are Linux only')
+def test_a_lock_of_another_pid_namespace_on_this_host_is_judged_by_its_heartbeat(tmp_path, caplog):
+    """Two containers on one node (same host name and boot id, separate pid namespaces): the other's pid means
+    nothing here, so its lock is held while its heartbeat is fresh and stale only after --lock-stale-minutes."""
+    with open('/proc/sys/kernel/random/boot_id') as f:
+        boot = f.read().strip()
+    folder, host, dead = str(tmp_path / 'ns'), socket.gethostname(), _dead_pid()
+    for pid in (dead, os.getpid()):  # not visible here; the same number as this process
+        path = _write_lock(folder, pid=pid, start='1', boot=boot, pidns='pid:[1]', job='7')
+        with pytest.raises(FatalError, match=f'in use by another job \\(host {host}, pid {pid} \\(another pid '
+                                             f'namespace\\), SLURM job 7, since .*; last heartbeat 0\\.0 min ago'):
+            runlock.RunLock(folder).acquire()
+        assert json.loads(open(path).read())['token'] == 'old'
+    os.utime(path, (time.time() - 11 * 60,) * 2)
+    lock = runlock.RunLock(folder)
+    lock.acquire()
+    assert 'no heartbeat for 11.0 min (--lock-stale-minutes 10)' in caplog.text
+    assert json.loads(open(path).read())['pidns'] == os.readlink('/proc/self/ns/pid')
+    lock.release()
+    # the same pid namespace: a pid that is gone is decided at once, as before
+    _write_lock(folder, pid=dead, boot=boot, pidns=os.readlink('/proc/self/ns/pid'))
+    lock = runlock.RunLock(folder)
+    lock.acquire()
+    lock.release()
+    assert f'its process {dead} is gone' in caplog.text and not os.path.exists(path)
 
 def test_a_stopped_or_killed_run_continues_with_resume_auto(data, tmp_path):
     argv = _argv(data, tmp_path, 'pre', '--epochs', '2', '--resume', 'auto', '--recovery-interval', '1')
