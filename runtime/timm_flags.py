@@ -162,6 +162,10 @@ def timm_flag_problem(args: Any) -> Optional[str]:
         if getattr(args, dest) is not None and kind not in ('hfds', 'hfids', 'wds', 'tfds'):
             return f'{flag} names a field of a hfds/, hfids/, wds/ or tfds/ dataset (--dataset KIND/NAME), not of ' \
                    f'--dataset {args.dataset or "(an ImageFolder root)"}; drop {flag}'
+    if kind == 'wds' and args.input_key is not None and 'jpg' not in args.input_key.split(';'):
+        return f"--input-key {args.input_key} with a wds/ dataset: timm's wds reader stores every decoded image " \
+               f"under 'jpg' and then looks the image up by --input-key, so a key list without jpg fails at the " \
+               f"first sample; pass --input-key '{args.input_key};jpg' (the first key a sample has is read)"
     for flag, dest in (('--layer-decay-min-scale', 'layer_decay_min_scale'),
                        ('--layer-decay-no-opt-scale', 'layer_decay_no_opt_scale')):
         if getattr(args, dest) not in (None, defaults[dest]) and args.layer_decay is None:

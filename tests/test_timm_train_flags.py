@@ -145,3 +145,19 @@ def test_jsd_loss_is_timms_criterion_in_a_distiller():
     out = task(x, y)
     expected = JsdCrossEntropy(num_splits=2, smoothing=0.1)(student(x), y)
     assert out['loss_cls'].item() == pytest.approx(expected.item(), rel=1e-5)
+
+
+def test_timm_model_and_loss_flags_in_a_distillation_run(image_folder, teacher_ckpt, tmp_path, one_thread):
+    """--aug-splits + --split-bn + --jsd-loss + --drop-block + --head-init-scale together in a 1-epoch kd run."""
+    import csv
+    argv = ['--data-dir', image_folder, '--model', 'scalekd_demo_resnet', '-b', '4', '--epochs', '1', '-j', '0',
+            '--output', str(tmp_path), '--experiment', 'run', '--lr', '0.01', '--warmup-epochs', '0',
+            '--distiller', 'kd', '--teacher', 'scalekd_demo_vit', '--teacher-checkpoint', teacher_ckpt,
+            '--aug-splits', '2', '--split-bn', '--jsd-loss', '--drop-block', '0.1', '--head-init-scale', '0.5']
+    assert train_kd.main(argv) == 0
+    with open(tmp_path / 'run' / 'summary.csv') as f:
+        row = next(csv.DictReader(f))
+    assert float(row['train_loss_cls']) > 0 and float(row['train_loss_kd']) > 0 and row['eval_top1'] != ''
+    with torch.serialization.safe_globals([__import__('argparse').Namespace]):
+        state = torch.load(tmp_path / 'run' / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict']
+    assert any('.aux_bn.0.' in k for k in state)  # the per-split statistics of --split-bn were trained and saved
