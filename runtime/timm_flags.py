@@ -200,3 +200,9 @@ def adapt_student(model: torch.nn.Module, args: Any) -> torch.nn.Module:
         from timm.layers import convert_splitbn_model
         model = convert_splitbn_model(model, max(args.aug_splits, 2))
     return model
+
+
+def plain_student_state(state: dict) -> dict:
+    """A student state dict without the per-split BatchNorm statistics of ``--split-bn`` (``...aux_bn.N...``): in eval
+    mode timm's SplitBatchNorm2d is its main BatchNorm, so the rest is the plain timm model, same outputs."""
+    return {k: v for k, v in state.items() if '.aux_bn.' not in f'.{k}'}

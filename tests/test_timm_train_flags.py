@@ -161,3 +161,10 @@ def test_timm_model_and_loss_flags_in_a_distillation_run(image_folder, teacher_c
     with torch.serialization.safe_globals([__import__('argparse').Namespace]):
         state = torch.load(tmp_path / 'run' / 'last.pth.tar', map_location='cpu', weights_only=True)['state_dict']
     assert any('.aux_bn.0.' in k for k in state)  # the per-split statistics of --split-bn were trained and saved
+    # export.py writes the plain timm student (eval mode uses the main BN only) and validate.py reads the checkpoint
+    import export
+    import validate
+    assert export.main(['--checkpoint', str(tmp_path / 'run' / 'last.pth.tar'), '--output',
+                        str(tmp_path / 'student.pth')]) == 0
+    assert validate.main(['--checkpoint', str(tmp_path / 'run' / 'last.pth.tar'), '--data-dir', image_folder,
+                          '-b', '4', '-j', '0']) == 0
