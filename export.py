@@ -31,6 +31,7 @@ from timm.models.resnet import ResNet
 import models  # noqa: F401  registers the demo / paper student variants
 from config import run_settings
 from runtime.checkpoint import atomic_write, load_strict, load_weights_only, read_checkpoint
+from runtime.timm_flags import plain_student_state
 from runtime import hub
 from runtime.errors import FatalError, log_startup_error, short
 from runtime.preflight import check_numeric_flags, check_output_file
@@ -170,7 +171,7 @@ def export_main(argv=None) -> dict:
             raise FatalError(f"'{args.checkpoint}' has no EMA student (run without --model-ema); pass --no-use-ema")
         key = 'state_dict_ema' if use_ema else 'state_dict'
         run_args = vars(ckpt['args'])
-        state, settings = clean_state_dict(ckpt[key]), run_settings(run_args)
+        state, settings = plain_student_state(clean_state_dict(ckpt[key])), run_settings(run_args)  # --split-bn
         dropped = ', '.join(sorted(k for k in ckpt if k != key))
         what = f"{'EMA student (state_dict_ema)' if use_ema else 'student (state_dict)'} of the " \
                f"{getattr(ckpt['args'], 'distiller', '?')} run; dropped {dropped}"

@@ -58,6 +58,7 @@ from runtime.saver import RunSaver
 from runtime.signals import install_signal_handlers, stop_requested
 from runtime.students import StudentRun, StudentStream, gather, own_stream, read_stop_marker, resume_positions, \
     sub_folders, write_stop_marker
+from runtime.timm_flags import add_timm_flags, adapt_student, student_create_kwargs, timm_flag_problem
 from validate import check_teacher, eval_columns, validate_task
 
 _logger = logging.getLogger('train')
@@ -72,7 +73,7 @@ RESUME_FREE_KEYS = frozenset({
     'teacher_min_top1', 'teacher_check_batches', 'nonfinite', 'nonfinite_max_skips', 'val_interval', 'epochs',
     'data_dir', 'teacher_checkpoint', 'prefetcher', 'distributed', 'world_size', 'rank', 'local_rank',
     'dist_timeout', 'max_bad_images', 'loss_balance_factor', 'scalekd_allow_degenerate', 'no_plot',
-    'lock_stale_minutes', 'dry_run',
+    'lock_stale_minutes', 'dry_run', 'dataset_trust_remote_code', 'data',
     'torchcompile', 'torchcompile_mode',  # compiled or eager: the same math (checkpoints hold unprefixed keys)
 })
 
@@ -346,6 +347,7 @@ def build_parser():
     group.add_argument('--max-bad-images', type=int, default=100, metavar='N',
                        help='unreadable or corrupt images are skipped and named in the log; stop when a process '
                             'has skipped more than N of them (default: 100)')
+    add_timm_flags(parser)  # the rest of timm's train.py flags: timm's meaning, or refused by name (check_args)
     return parser
 
 
@@ -355,6 +357,9 @@ def _parse_args(argv=None):
 
 def check_args(parser_error, args):
     check_distill_args(parser_error, args)
+    problem = timm_flag_problem(args)  # a timm flag a distillation run cannot honour: its reason and what instead
+    if problem:
+        parser_error(problem)
     problem = check_model_name(args.model, '--model')  # a registry name (tag), hf-hub: or local-dir:, as timm's
     if problem:
         parser_error(problem)
@@ -675,8 +680,9 @@ def create_student(args, in_chans):
             drop_rate=args.drop, drop_path_rate=args.drop_path, global_pool=args.gp,
             bn_momentum=args.bn_momentum, bn_eps=args.bn_eps, checkpoint_path=args.initial_checkpoint or None,
             **({'pretrained_cfg_overlay': dict(file=args.pretrained_path)} if args.pretrained_path else {}),
-            **args.model_kwargs,
+            **student_create_kwargs(args), **args.model_kwargs,
         )
+        model = adapt_student(model, args)  # --head-init-scale/-bias, --split-bn (timm's helpers)
     except (OSError, ValueError) as e:  # hub offline / not found, a local-dir: folder without weights
         raise FatalError(f"--model '{args.model}' cannot be created ({short(e)}); check the name, the network (hub "
                          f"weights) or the folder") from None

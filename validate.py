@@ -39,6 +39,7 @@ from distillers.teacher import check_model_name, teacher_head
 from distillers.base import DistillTask, TeacherOnStudentInput
 from distillers.flags import teacher_size
 from runtime.checkpoint import load_strict, read_checkpoint
+from runtime.timm_flags import plain_student_state
 from runtime.data import check_bad_images, check_data_dir
 from runtime.errors import FatalError, log_startup_error, short
 from runtime.preflight import check_numeric_flags, check_output_file
@@ -151,6 +152,7 @@ def _build_student(args, settings: Dict[str, Any]) -> Tuple[nn.Module, str, bool
     model = create_model(args.model, pretrained=state is None, num_classes=args.num_classes, in_chans=in_chans,
                          global_pool=args.gp, bn_eps=getattr(args, 'bn_eps', None), **(args.model_kwargs or {}))
     if state is not None:
+        state = plain_student_state(state)  # a --split-bn run's per-split BN statistics are training-only
         load_strict(model, state, args.checkpoint, f'--model {args.model} (num_classes={model.num_classes}, '
                                                     f'model_kwargs={args.model_kwargs or {}})', STRICT_HINT)
     _logger.info(f"Model {args.model} created from '{args.checkpoint or 'pretrained weights'}' ({weights})")

@@ -164,6 +164,8 @@ def task_kwargs(args: argparse.Namespace, img_size: Tuple[int, int]) -> Dict[str
 def criterion_kwargs(args):
     """The student's own loss, through timm's create_classification_loss."""
     mixup_active = args.mixup > 0 or args.cutmix > 0. or args.cutmix_minmax is not None
+    if getattr(args, 'jsd_loss', False):  # timm's JsdCrossEntropy: CE on the clean split + JSD across the splits
+        return dict(loss_type='jsd', jsd_splits=args.aug_splits, smoothing=args.smoothing)
     if args.bce_loss:
         return dict(loss_type='bce', soft_targets=mixup_active, smoothing=args.smoothing,
                     bce_target_thresh=args.bce_target_thresh, bce_sum=args.bce_sum, pos_weight=args.bce_pos_weight)

@@ -4,33 +4,37 @@ import torch
 from timm.data import create_dataset, create_loader, Mixup, FastCollateMixup
 
 from .data import check_data_dir, guard_bad_images
+from .splits import check_dataset_splits
 from .errors import FatalError
 
 
 def create_datasets(args):
-    """Train and eval datasets (eval: None without --val-split); sets args.num_classes from the class folders."""
+    """Train and eval datasets (eval: None without --val-split); sets args.num_classes from the class folders (or the
+    dataset's class list: hfds/). timm's dataset kinds (hfds/, wds/, ...) take --input-key, --target-key and
+    --dataset-trust-remote-code as in timm; what the run can guarantee for them is checked or logged here."""
     if not args.dataset:
         check_data_dir(args.data_dir, (args.train_split,))
-    dataset_train = create_dataset(
-        args.dataset, root=args.data_dir, split=args.train_split, is_training=True, class_map=args.class_map,
-        download=args.dataset_download, batch_size=args.batch_size, seed=args.seed, repeats=args.epoch_repeats,
-        input_img_mode=args.input_img_mode, num_samples=args.train_num_samples,
-    )
+    keys = {k: v for k, v in (('input_key', getattr(args, 'input_key', None)),
+                              ('target_key', getattr(args, 'target_key', None))) if v is not None}
+    common = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
+                  batch_size=args.batch_size, input_img_mode=args.input_img_mode,
+                  trust_remote_code=getattr(args, 'dataset_trust_remote_code', False), **keys)
+    dataset_train = create_dataset(args.dataset, split=args.train_split, is_training=True, seed=args.seed,
+                                   repeats=args.epoch_repeats, num_samples=args.train_num_samples, **common)
     dataset_eval = None
     if args.val_split:
-        dataset_eval = create_dataset(
-            args.dataset, root=args.data_dir, split=args.val_split, is_training=False, class_map=args.class_map,
-            download=args.dataset_download, batch_size=args.batch_size, input_img_mode=args.input_img_mode,
-            num_samples=args.val_num_samples,
-        )
+        dataset_eval = create_dataset(args.dataset, split=args.val_split, is_training=False,
+                                      num_samples=args.val_num_samples, **common)
     data_classes = num_classes(dataset_train)
     if args.num_classes is None:
         args.num_classes = data_classes
     elif data_classes is not None and data_classes != args.num_classes:
+        where = args.dataset or f'{args.data_dir}/{args.train_split}'
         raise FatalError(f'--num-classes {args.num_classes} does not match the {data_classes} classes found in '
-                         f'{args.data_dir}/{args.train_split}; drop --num-classes or fix the data folder')
+                         f'{where}; drop --num-classes or fix the data')
     if not len(dataset_train):
-        raise FatalError(f'the train split of {args.data_dir} holds no images')
+        raise FatalError(f'the train split of {args.dataset or args.data_dir} holds no images')
+    check_dataset_splits(args, dataset_train, dataset_eval, data_classes)
     # unreadable / corrupt images: skipped, named in the log, counted against --max-bad-images
     return (guard_bad_images(dataset_train, args.max_bad_images, args.train_split),
             guard_bad_images(dataset_eval, args.max_bad_images, args.val_split))

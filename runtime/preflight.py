@@ -142,6 +142,8 @@ def check_train_choices(args: Any) -> None:
                                       '--teacher-kwargs')):
         if name and kwargs:
             check_model_kwargs(role, name, kwargs, flag)
+    if getattr(args, 'drop_block', None) is not None:  # timm's --drop-block: a keyword only some models take
+        check_model_kwargs('student', args.model, {'drop_block_rate': args.drop_block}, '--drop-block')
 
 
 def check_model_kwargs(role: str, name: str, kwargs: dict, flag: str) -> None:

@@ -105,3 +105,42 @@ def check_splits(data_dir: str, train_split: str, val_split: str, batch_size: in
                              f"with incomplete batches dropped, no update would be made. Pass --batch-size "
                              f"{max(1, per_rank)} or less, or add images")
     return n_train
+
+
+def _class_to_idx(dataset):
+    return getattr(getattr(dataset, 'reader', None), 'class_to_idx', None) or None
+
+
+def check_dataset_splits(args, train, evaluation, data_classes) -> None:
+    """The splits of a ``--dataset`` kind (hfds/, wds/, torch/, ...; an ImageFolder root is checked by check_splits
+    before): a map-style dataset's two splits list the same classes and give each process one full batch; an
+    iterable one (wds/, hfids/, tfds/) needs --num-classes, and the guarantees that do not hold for it are logged."""
+    import logging
+    import torch
+    if not args.dataset:
+        return
+    if isinstance(train, torch.utils.data.IterableDataset):
+        if data_classes is None and args.num_classes is None:
+            raise FatalError(f'--dataset {args.dataset} is an iterable dataset that does not list its classes: pass '
+                             f'--num-classes N (the student head and the teacher check need it)')
+        if getattr(args, 'rank', 0) == 0:
+            logging.getLogger('train').warning(
+                f'--dataset {args.dataset} is an iterable dataset (a stream of samples), so three guarantees of this '
+                f'script do not hold for it: (1) an unreadable sample is skipped by the reader with a warning, not '
+                f'named or counted against --max-bad-images; (2) no split checks are made (class lists, split size '
+                f'against -b; {args.train_num_samples or len(train)} training samples are assumed); (3) a resume '
+                f'(--resume, a stop inside an epoch) re-reads the stream, and its samples are not guaranteed to be '
+                f'those an uninterrupted run would have seen next. Use an ImageFolder or hfds/ dataset for all three')
+        return
+    world_size = int(os.environ.get('WORLD_SIZE', '1') or 1)
+    train_classes, eval_classes = _class_to_idx(train), _class_to_idx(evaluation)
+    if train_classes and eval_classes and train_classes != eval_classes and not args.class_map:
+        differ = sorted(set(train_classes.items()) ^ set(eval_classes.items()), key=str)[:3]
+        raise FatalError(f'--dataset {args.dataset}: the {args.val_split} split does not have the classes of the '
+                         f'{args.train_split} split with the same indices (first differences: {differ}); every '
+                         f'prediction would be scored against another class. Give both splits one class list')
+    per_rank = -(-len(train) // max(1, world_size))
+    if per_rank < args.batch_size:
+        raise FatalError(f'--batch-size {args.batch_size} is larger than the {args.train_split} split of --dataset '
+                         f'{args.dataset} ({len(train)} samples, {per_rank} per process): with incomplete batches '
+                         f'dropped no update would be made. Pass --batch-size {max(1, per_rank)} or less')

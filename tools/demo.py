@@ -13,6 +13,7 @@
 import argparse
 import csv
 import os
+import re
 import shutil
 import subprocess
 import sys
@@ -21,10 +22,52 @@ import time
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 
 
-def run(cmd, log):
+_TRAIN = re.compile(r'Train: (\d+) \[\s*\d+/\d+ \(\s*(\d+)%\)\].*?\bloss: ([\d.]+).*ETA epoch (\S+) run (\S+)')
+_TEST = re.compile(r'Test: Loss: [\d.]+\s+Acc@1: ([\d.]+)')
+
+
+class Progress:
+    """Turns a train_kd.py log, line by line, into console progress: ``feed(line)`` returns (text, in_place) for a
+    line worth showing, else None. A training step shows the epoch, its %, the loss and the ETA of the epoch and of
+    the stage (the log's own ETA); without a terminal only the first step of each quarter of an epoch is shown (on
+    a terminal every step, rewritten in place). An epoch's validation shows its top-1."""
+
+    def __init__(self, stage, epochs, tty=False):
+        self.stage, self.epochs, self.tty, self.shown = stage, epochs, tty, set()
+
+    def feed(self, line):
+        m = _TRAIN.search(line)
+        if m:
+            epoch, pct, loss, eta_epoch, eta_run = m.groups()
+            quarter = (int(epoch), min(int(pct) // 25, 3))
+            if not self.tty and quarter in self.shown:
+                return None
+            self.shown.add(quarter)
+            return (f'  {self.stage}: epoch {int(epoch) + 1}/{self.epochs} {int(pct):>3d}%  loss {float(loss):.4f}  '
+                    f'ETA epoch {eta_epoch}, stage {eta_run}'), self.tty
+        m = _TEST.search(line)
+        return (f'  {self.stage}: validation top-1 {float(m.group(1)):.2f}', False) if m else None
+
+
+def run(cmd, log, stage, epochs):
+    """Run one stage: its full output into ``log``, its progress on the console (Progress)."""
     t = time.time()
+    tty = sys.stdout.isatty()
+    print(f'{stage}: {epochs} epoch(s), full log in {log}', flush=True)
+    shown, in_place = Progress(stage, epochs, tty), False
     with open(log, 'w') as f:
-        rc = subprocess.call(cmd, stdout=f, stderr=subprocess.STDOUT, cwd=ROOT)
+        proc = subprocess.Popen(cmd, stdout=subprocess.PIPE, stderr=subprocess.STDOUT, cwd=ROOT, text=True, bufsize=1)
+        for line in proc.stdout:
+            f.write(line)
+            out = shown.feed(line)
+            if out is not None:
+                text, now_in_place = out
+                print(('\r' if now_in_place else ('\n' if in_place else '')) + text, end='' if now_in_place else '\n',
+                      flush=True)
+                in_place = now_in_place
+        rc = proc.wait()
+    if in_place:
+        print()
     if rc != 0:
         sys.exit(f'demo step failed (exit {rc}): {" ".join(cmd)}\nsee {log}')
     return time.time() - t
@@ -63,17 +106,20 @@ def main(argv=None):
     teacher_dir = os.path.join(out, 'runs', 'teacher')
     times['teacher'] = run([py, 'train_kd.py', '--config', 'recipes/demo_fmnist_teacher.yaml',
                             '--data-dir', os.path.join(out, 'fmnist_teacher'), '--experiment', 'teacher',
-                            '--epochs', str(args.teacher_epochs)] + common, os.path.join(out, 'teacher.log'))
+                            '--epochs', str(args.teacher_epochs)] + common, os.path.join(out, 'teacher.log'),
+                           'teacher (scalekd_demo_vit, 60k images)', args.teacher_epochs)
     teacher_ckpt = os.path.join(teacher_dir, 'last.pth.tar')
     student_data = os.path.join(out, 'fmnist_student')
     times['student_none'] = run([py, 'train_kd.py', '--config', 'recipes/demo_fmnist.yaml', '--distiller', 'none',
                                  '--teacher', '', '--data-dir', student_data, '--experiment', 'student_none',
                                  '--epochs', str(args.student_epochs)] + common,
-                                os.path.join(out, 'student_none.log'))
+                                os.path.join(out, 'student_none.log'), 'student alone (1k images)',
+                                args.student_epochs)
     times['student_scalekd'] = run([py, 'train_kd.py', '--config', 'recipes/demo_fmnist.yaml',
                                     '--teacher-checkpoint', teacher_ckpt, '--data-dir', student_data,
                                     '--experiment', 'student_scalekd', '--epochs', str(args.student_epochs)] + common,
-                                   os.path.join(out, 'student_scalekd.log'))
+                                   os.path.join(out, 'student_scalekd.log'), 'student with ScaleKD (1k images)',
+                                   args.student_epochs)
 
     rows = [('teacher scalekd_demo_vit (60k images)', teacher_dir, times['teacher']),
             ('student scalekd_demo_resnet, no KD (1k images)', os.path.join(out, 'runs', 'student_none'),
