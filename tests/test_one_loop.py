@@ -120,7 +120,9 @@ SETUP_FLAGS = [
     ('--grad-checkpointing',), ('--channels-last',), ('--amp', '--amp-dtype', 'bfloat16'), ('--model-ema',),
     ('--layer-decay', '0.7'), ('--clip-grad', '1', '--clip-mode', 'agc'), ('--grad-accum-steps', '2'),
     ('--teacher-img-size', '40'), ('--teacher-kwargs', 'img_size=40'), ('--bce-loss',), ('--jsd-loss',),
-    ('--aug-repeats', '3'), ('--teacher-min-top1', '101'), ('--resume', 'auto'),
+    ('--aug-repeats', '3'), ('--teacher-min-top1', '99.9'), ('--resume', 'auto'),
+    ('--split-bn', '--aug-splits', '2'), ('--jsd-loss', '--aug-splits', '2'), ('--drop-block', '0.1'),
+    ('--head-init-scale', '0.5'), ('--torchscript',), ('--model-dtype', 'bfloat16'),
 ]
 
 
