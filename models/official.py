@@ -447,6 +447,7 @@ def convert(ckpt: Any, path: str, model_name: str = '', num_classes: Optional[in
         _logger.info('student tensors left out: ' + '; '.join(f'{n} x {why}' for why, n in reasons.items()))
     _logger.info(f"{expected.label if expected else label} student -> timm {name} {kwargs or ''}: {len(out)} tensors"
                  f"{', preprocessing of the official test pipeline ' + str(prep) if prep else ''}")
-    settings = dict(model=name, num_classes=int(head.shape[0]), **({'model_kwargs': kwargs} if kwargs else {}),
-                    **(prep or {}))
+    extra = {k: v for k, v in kwargs.items() if k != 'global_pool'}  # global_pool travels as the 'gp' setting
+    settings = dict(model=name, num_classes=int(head.shape[0]), **({'model_kwargs': extra} if extra else {}),
+                    **({'gp': kwargs['global_pool']} if 'global_pool' in kwargs else {}), **(prep or {}))
     return out, settings, model
