@@ -4,31 +4,29 @@
 Keeps the student or its EMA (default: the EMA when the run has one), drops the projectors
 (``task_state``), optimizer, args and run state, checks a strict load into ``timm.create_model``
 of the run's student, and writes ``.safetensors`` or a weights-only ``.pth`` atomically.
-``--from-official`` converts a checkpoint of the official (mmcls) ScaleKD code for ResNet students.
+``--from-official`` converts a released student of the official (mmcls 1.x) ScaleKD code (``models/official.py``).
 ``--hub-dir`` writes timm's hub layout with a model card (``runtime/hub.py``), ``--push-to-hub`` uploads it.
 
     python export.py --checkpoint RUN/model_best.pth.tar --output student.safetensors [--validate-data DATA]
     python export.py --checkpoint RUN/model_best.pth.tar --hub-dir student-hub [--push-to-hub USER/NAME]
-    python export.py --from-official --model resnet50 --checkpoint scalekd_r50.pth --output r50.safetensors
+    python export.py --from-official --checkpoint scalekd_vitb16.pth --output vitb16.safetensors [--model NAME]
 """
 import argparse
 import json
 import logging
 import os
-import re
 import sys
 import tempfile
 
 import safetensors.torch
 import torch
-import torch.nn as nn
 
 from timm import utils
 from timm.data import resolve_data_config
 from timm.models import clean_state_dict, create_model
-from timm.models.resnet import ResNet
 
 import models  # noqa: F401  registers the demo / paper student variants
+from models import official
 from config import run_settings
 from runtime.checkpoint import atomic_write, load_strict, load_weights_only, read_checkpoint
 from runtime.timm_flags import plain_student_state
@@ -62,54 +60,15 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('--use-ema', action=argparse.BooleanOptionalAction, default=None,
                    help='export the EMA student (default: the EMA when the checkpoint has one)')
     p.add_argument('--from-official', action='store_true', help='input is a checkpoint of the official ScaleKD code')
-    p.add_argument('--model', default='', metavar='NAME', help='timm student name (with --from-official)')
-    p.add_argument('--num-classes', type=int, default=None, help='with --from-official (default: from its head)')
+    p.add_argument('--model', default='', metavar='NAME',
+                   help='timm student name (with --from-official; needed when the checkpoint carries no config)')
+    p.add_argument('--num-classes', type=int, default=None, help='with --from-official: checked against its head')
     p.add_argument('--validate-data', default='', metavar='DIR',
                    help='validate the export and the student in the checkpoint on DIR; fail if top-1 differs')
     p.add_argument('-b', '--batch-size', type=int, default=64, help='validation batch size (default: 64)')
     p.add_argument('-j', '--workers', type=int, default=2, help='validation data workers (default: 2)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='validation device')
     return p
-
-
-def official_to_timm(state: dict, model: nn.Module) -> dict:
-    """mmcls ResNet names (``backbone.*``, ``head.fc.*``) -> timm ResNet names, stems of timm's model."""
-    stem = {}
-    if isinstance(model.conv1, nn.Sequential):  # deep stem (resnet*d): mmcls stem.j = ConvModule(conv, bn)
-        convs = [f'conv1.{i}' for i, m in enumerate(model.conv1) if isinstance(m, nn.Conv2d)]
-        norms = [f'conv1.{i}' for i, m in enumerate(model.conv1) if isinstance(m, nn.BatchNorm2d)] + ['bn1']
-        stem = {f'stem.{j}.conv': c for j, c in enumerate(convs)}
-        stem.update({f'stem.{j}.bn': n for j, n in enumerate(norms)})
-    out = {}
-    for key, value in state.items():
-        if key.startswith('head.fc.'):
-            key = 'fc.' + key[len('head.fc.'):]
-        elif key.startswith('backbone.'):
-            key = key[len('backbone.'):]
-            prefix = re.match(r'stem\.\d+\.(conv|bn)', key)
-            if prefix and prefix.group(0) in stem:
-                key = stem[prefix.group(0)] + key[prefix.end():]
-            key = re.sub(r'^norm1\.', 'bn1.', key)
-            key = re.sub(r'^(layer\d+\.\d+\.)norm(\d)\.', r'\1bn\2.', key)
-        out[key] = value
-    return out
-
-
-def _official_student(ckpt, args):
-    state = ckpt.get('state_dict', ckpt) if isinstance(ckpt, dict) else None
-    student = {k[len('student.'):]: v for k, v in (state or {}).items() if k.startswith('student.')
-               and not k.startswith('student.data_preprocessor.') and isinstance(v, torch.Tensor)}
-    if not student:
-        raise FatalError(f"'{args.checkpoint}' has no student.* weights: not a checkpoint of the official ScaleKD code")
-    if not args.model:
-        raise FatalError('--from-official needs --model NAME, the timm name of the student (e.g. resnet50)')
-    head = student.get('head.fc.weight')
-    settings = dict(model=args.model, num_classes=args.num_classes or (head.shape[0] if head is not None else 1000))
-    model = create_model(args.model, num_classes=settings['num_classes'])
-    if not isinstance(model, ResNet):
-        raise FatalError(f"--from-official: no mmcls->timm key mapping is defined for --model {args.model} "
-                         f"({type(model).__name__}); only the ResNet family (resnet50, resnet50d, ...) is supported")
-    return official_to_timm(student, model), settings, model
 
 
 def _create_kwargs(settings: dict) -> dict:
@@ -154,9 +113,9 @@ def export_main(argv=None) -> dict:
     if (args.hub_revision or args.hub_private) and not args.push_to_hub:
         parser.error('--hub-revision and --hub-private go with --push-to-hub REPO')
     check_numeric_flags(args)
-    ckpt = load_weights_only(args.checkpoint)
+    ckpt = load_weights_only(args.checkpoint, stand_ins=official.PICKLE_STAND_INS if args.from_official else ())
     if args.from_official:
-        state, settings, model = _official_student(ckpt, args)
+        state, settings, model = official.convert(ckpt, args.checkpoint, args.model, args.num_classes)
         use_ema, what = False, 'student of the official ScaleKD checkpoint'
         run_args = {'distiller': 'scalekd (official code)'}
     else:

@@ -106,8 +106,20 @@ def atomic_copy(src: str, dst: str) -> None:
         raise _write_error(dst, e) from None
 
 
-def load_weights_only(path: str, what: str = '--checkpoint', mmap: bool = False) -> Any:
-    """torch.load with weights_only=True (plus argparse.Namespace); one clear FatalError for any bad file."""
+class StandIn:
+    """What a global named in ``load_weights_only(stand_ins=...)`` reads as: no code of it runs, its state is dropped."""
+
+    def __init__(self, *args, **kwargs):
+        pass
+
+    def __setstate__(self, state):
+        pass
+
+
+def load_weights_only(path: str, what: str = '--checkpoint', mmap: bool = False, stand_ins: Tuple[str, ...] = ()) -> Any:
+    """torch.load with weights_only=True (plus argparse.Namespace); one clear FatalError for any bad file.
+    ``stand_ins``: module prefixes (e.g. ``'mmengine.'``) whose globals in the pickle read as inert ``StandIn``
+    objects (bookkeeping next to the weights, such as mmengine's log history); none of their code is imported."""
     if not os.path.isfile(path):
         raise FatalError(f"{what} '{path}' does not exist")
     try:
@@ -115,6 +127,9 @@ def load_weights_only(path: str, what: str = '--checkpoint', mmap: bool = False)
             return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
     except pickle.UnpicklingError:
         unsafe = torch.serialization.get_unsafe_globals_in_checkpoint(path)
+        if unsafe and stand_ins and all(name.startswith(stand_ins) for name in unsafe):
+            with torch.serialization.safe_globals([argparse.Namespace] + [(StandIn, name) for name in unsafe]):
+                return torch.load(path, map_location='cpu', weights_only=True, mmap=mmap)
         raise FatalError(f"{what} '{path}' was refused: loading it would import {', '.join(unsafe) or 'code'}, "
                          f"and a pickle that imports code can run it. Only weights-only checkpoints are read; "
                          f"re-save its state_dict in a trusted environment (or use export.py)") from None
