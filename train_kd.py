@@ -54,6 +54,7 @@ from runtime.resume import EpochPosition, append_summary, check_same_resume, fin
 from runtime.runlock import hold_run_lock, release_run_lock
 from runtime.saver import RunSaver
 from runtime.signals import install_signal_handlers, stop_requested
+from runtime.tracking import add_tracking_args
 from validate import check_teacher, eval_columns, validate_task
 
 _logger = logging.getLogger('train')
@@ -66,6 +67,7 @@ RESUME_FREE_KEYS = frozenset({
     'data_dir', 'teacher_checkpoint', 'prefetcher', 'distributed', 'world_size', 'rank', 'local_rank',
     'dist_timeout', 'max_bad_images', 'loss_balance_factor', 'scalekd_allow_degenerate', 'no_plot',
     'lock_stale_minutes', 'dry_run',
+    'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id',  # tracking only (runtime.tracking)
     'torchcompile', 'torchcompile_mode',  # compiled or eager: the same math (checkpoints hold unprefixed keys)
 })
 
@@ -339,6 +341,7 @@ def build_parser():
     group.add_argument('--max-bad-images', type=int, default=100, metavar='N',
                        help='unreadable or corrupt images are skipped and named in the log; stop when a process '
                             'has skipped more than N of them (default: 100)')
+    add_tracking_args(parser)  # --log-wandb, --wandb-project, --wandb-tags, --wandb-resume-id (timm's)
     return parser
 
 
