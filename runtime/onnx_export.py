@@ -156,7 +156,7 @@ def export_onnx(model: nn.Module, path: str, data_config: Dict[str, Any], args: 
             raise FatalError(f'--onnx: no image to compare in {source}')
         result = dict(onnx=path, max_abs_diff=max_diff, images=images, top1_agreement=100.0 * agree / images,
                       batch_sizes=sorted(sizes), source=source, dynamic_batch=fixed is None, atol=args.onnx_atol)
-        what = f'ONNX vs PyTorch logits on {images} images of {source} (batch sizes ' \
+        what = f'ONNX vs PyTorch logits on {images} images ({source}; batch sizes ' \
                f'{", ".join(map(str, sorted(sizes)))}): max |diff| {max_diff:.3g}, top-1 agreement ' \
                f'{result["top1_agreement"]:.2f}%'
         if not max_diff <= args.onnx_atol:  # NaN refuses too
