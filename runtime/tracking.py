@@ -93,7 +93,6 @@ def start_wandb(output_dir: str, args: Any):
     run.define_metric('train/step')
     run.define_metric('train/*', step_metric='train/step')
     run.define_metric('epoch')
-    run.define_metric('eval/*', step_metric='epoch')
     with open(os.path.join(output_dir, RUN_ID_FILE), 'w') as f:
         f.write(run.id + '\n')
     _logger.info(f'wandb run {run.id} ({"continued" if resume else "new"}, mode {run.settings.mode}, '
@@ -103,16 +102,20 @@ def start_wandb(output_dir: str, args: Any):
 
 class TrackedWriter:
     """A TensorBoard SummaryWriter whose scalars also go to a wandb run: ``train/*`` on the ``train/step`` axis
-    (updates), ``eval/*`` on the ``epoch`` axis; the scalars of one step are sent as one record. Everything else
+    (updates), every other group (``eval/*``) on the ``epoch`` axis; the scalars of one step are sent as one record. Everything else
     is the SummaryWriter's."""
 
     def __init__(self, writer, run):
         self.writer, self.run = writer, run
-        self._pending, self._at = {}, None
+        self._pending, self._at, self._axes = {}, None, {'train'}
 
     def add_scalar(self, tag: str, value, global_step=None, *a, **kw):
         self.writer.add_scalar(tag, value, global_step, *a, **kw)
-        at = ('epoch' if tag.startswith('eval/') else 'train/step', global_step)
+        prefix = tag.split('/')[0]
+        if prefix not in self._axes:  # any group but train/ (eval/, or one added later) is logged per epoch
+            self.run.define_metric(f'{prefix}/*', step_metric='epoch')
+            self._axes.add(prefix)
+        at = ('train/step' if prefix == 'train' else 'epoch', global_step)
         if at != self._at:
             self._commit()
             self._at = at

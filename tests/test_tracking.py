@@ -9,6 +9,7 @@ import os
 import signal
 import struct
 import sys
+import time
 
 import pytest
 
@@ -36,6 +37,8 @@ def _records(path):
         if kind == 0 and length == 0:
             pos += left
             continue
+        if pos + 7 + length > len(data):  # a record still being written
+            break
         buf += data[pos + 7:pos + 7 + length]
         pos += 7 + length
         if kind in (1, 4):  # a full record, or the last piece of one
@@ -52,7 +55,12 @@ def _offline_runs(run_dir, run_id):
     out = []
     for folder in sorted(glob.glob(os.path.join(run_dir, 'wandb', f'offline-run-*-{run_id}'))):  # start time first
         run, config, history = None, {}, []
-        for r in _records(os.path.join(folder, f'run-{run_id}.wandb')):
+        path, deadline = os.path.join(folder, f'run-{run_id}.wandb'), time.time() + 30
+        records = _records(path)
+        while not [r for r in records if r.WhichOneof('record_type') == 'exit'] and time.time() < deadline:
+            time.sleep(0.2)  # wandb's service process may still be writing the file when finish() returns
+            records = _records(path)
+        for r in records:
             kind = r.WhichOneof('record_type')
             if kind == 'run':
                 run = r.run
