@@ -32,6 +32,7 @@ from runtime.checkpoint import atomic_write, load_strict, load_weights_only, rea
 from runtime.timm_flags import plain_student_state
 from runtime import hub
 from runtime.errors import FatalError, log_startup_error, short
+from runtime.onnx_export import add_onnx_args, check_onnx_args, export_onnx
 from runtime.preflight import check_numeric_flags, check_output_file
 from validate import DATA_KEYS, STRICT_HINT, validate_main
 
@@ -68,6 +69,7 @@ def _parser() -> argparse.ArgumentParser:
     p.add_argument('-b', '--batch-size', type=int, default=64, help='validation batch size (default: 64)')
     p.add_argument('-j', '--workers', type=int, default=2, help='validation data workers (default: 2)')
     p.add_argument('--device', default='cuda' if torch.cuda.is_available() else 'cpu', help='validation device')
+    add_onnx_args(p)  # --onnx FILE, --dynamic-batch, --onnx-atol, ... (runtime/onnx_export.py)
     return p
 
 
@@ -113,6 +115,7 @@ def export_main(argv=None) -> dict:
     if (args.hub_revision or args.hub_private) and not args.push_to_hub:
         parser.error('--hub-revision and --hub-private go with --push-to-hub REPO')
     check_numeric_flags(args)
+    check_onnx_args(args)  # onnx/onnxruntime importable, a .onnx name
     ckpt = load_weights_only(args.checkpoint, stand_ins=official.PICKLE_STAND_INS if args.from_official else ())
     if args.from_official:
         state, settings, model = official.convert(ckpt, args.checkpoint, args.model, args.num_classes)
@@ -139,7 +142,7 @@ def export_main(argv=None) -> dict:
     create_args = ''.join(f', {k}={v!r}' for k, v in _create_kwargs(settings).items() if k != 'num_classes')
     load_strict(model, state, args.checkpoint, f"timm.create_model('{name}', num_classes={num_classes}{create_args})",
                 STRICT_HINT)
-    output = args.output or ('' if args.hub_dir or args.push_to_hub else os.path.join(
+    output = args.output or ('' if args.hub_dir or args.push_to_hub or args.onnx else os.path.join(
         os.path.dirname(args.checkpoint), f"{name}{'-ema' if use_ema else ''}.safetensors"))
     if output:
         if not output.endswith(('.safetensors', '.pth', '.pt', '.bin')):
@@ -154,6 +157,8 @@ def export_main(argv=None) -> dict:
                              f"put it elsewhere")
     if args.push_to_hub:
         hub.check_push(args.push_to_hub)
+    if args.onnx:
+        check_output_file(args.onnx, '--onnx')
     _logger.info(f"Exporting the {what}")
     state = {k: v.contiguous() for k, v in model.state_dict().items()}
     results = {}
@@ -199,6 +204,9 @@ def export_main(argv=None) -> dict:
             hub.push(model, args.push_to_hub, card(f'hf-hub:{args.push_to_hub}'), data_config, args.hub_revision,
                      args.hub_private)
             _logger.info(f"Pushed the student to the hub repository '{args.push_to_hub}'")
+    if args.onnx:  # kept only when onnxruntime's logits match the student's
+        results['onnx'] = export_onnx(model, args.onnx, resolve_data_config(
+            {k: settings.get(k) for k in DATA_KEYS}, model=model), args)
     return dict(output=output, hub_dir=args.hub_dir, model=name, num_classes=num_classes, ema=use_ema, **results)
 
 

@@ -59,6 +59,7 @@ from runtime.signals import install_signal_handlers, stop_requested
 from runtime.students import StudentRun, StudentStream, gather, own_stream, read_stop_marker, resume_positions, \
     sub_folders, write_stop_marker
 from runtime.timm_flags import add_timm_flags, adapt_student, student_create_kwargs, timm_flag_problem
+from runtime.tracking import add_tracking_args
 from validate import check_teacher, eval_columns, validate_task
 
 _logger = logging.getLogger('train')
@@ -74,6 +75,7 @@ RESUME_FREE_KEYS = frozenset({
     'data_dir', 'teacher_checkpoint', 'prefetcher', 'distributed', 'world_size', 'rank', 'local_rank',
     'dist_timeout', 'max_bad_images', 'loss_balance_factor', 'scalekd_allow_degenerate', 'no_plot',
     'lock_stale_minutes', 'dry_run', 'dataset_trust_remote_code', 'data',
+    'log_wandb', 'wandb_project', 'wandb_tags', 'wandb_resume_id',  # tracking only (runtime.tracking)
     'torchcompile', 'torchcompile_mode',  # compiled or eager: the same math (checkpoints hold unprefixed keys)
 })
 
@@ -348,6 +350,7 @@ def build_parser():
                        help='unreadable or corrupt images are skipped and named in the log; stop when a process '
                             'has skipped more than N of them (default: 100)')
     add_timm_flags(parser)  # the rest of timm's train.py flags: timm's meaning, or refused by name (check_args)
+    add_tracking_args(parser)  # --log-wandb, --wandb-project, --wandb-tags, --wandb-resume-id (timm's)
     return parser
 
 

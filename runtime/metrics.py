@@ -139,10 +139,12 @@ def tensorboard_writer(output_dir: str, resume_path: str = '', start_epoch: int 
                        batches_per_epoch: int = 0, args=None):
     """TensorBoard's SummaryWriter on ``output_dir``/tb. After a resume it starts with ``purge_step`` at the first
     update trained again (``start_epoch`` epochs of ``batches_per_epoch`` plus ``resume_batch`` batches were
-    trained), so TensorBoard hides what a stopped run wrote for those updates: one event per step and scalar."""
+    trained), so TensorBoard hides what a stopped run wrote for those updates: one event per step and scalar.
+    With ``--log-wandb`` the writer also sends every scalar to wandb (``runtime.tracking``)."""
     from torch.utils.tensorboard import SummaryWriter
+    from .tracking import tracked
     purge_step = None
     if resume_path:
         accum = args.grad_accum_steps
         purge_step = start_epoch * ((batches_per_epoch + accum - 1) // accum) + resume_batch // accum + 1
-    return SummaryWriter(log_dir=os.path.join(output_dir, 'tb'), purge_step=purge_step)
+    return tracked(SummaryWriter(log_dir=os.path.join(output_dir, 'tb'), purge_step=purge_step), output_dir, args)

@@ -103,7 +103,9 @@ def check_train_inputs(args: Any) -> None:
     the process count)."""
     from .data import check_data_dir
     from .splits import check_splits
+    from .tracking import check_tracking
     check_numeric_flags(args)
+    check_tracking(args)  # --log-wandb: wandb importable
     check_train_choices(args)
     check_optim_sched(args)
     check_output_path(os.path.join(args.output or './output/train', args.experiment or ''))
