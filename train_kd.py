@@ -32,7 +32,8 @@ from timm.task import resume_task_checkpoint, load_task_ema_checkpoint
 
 import models  # noqa: F401  registers the paper's student variants
 from config import parse_args_with_recipe
-from distillers.teacher import TeacherLoadError, check_model_name, check_teacher_head, create_teacher, identity_yaml
+from distillers.teacher import TeacherLoadError, check_model_name, check_teacher_head, create_teacher, identity_yaml, \
+    teacher_head
 from distillers.balance import log_loss_balance
 from distillers.memo import TeacherMemo
 from distillers.preflight import check_train_inputs, checked_build_task, settle_models
@@ -58,6 +59,7 @@ from runtime.saver import RunSaver
 from runtime.signals import install_signal_handlers, stop_requested
 from runtime.students import StudentRun, StudentStream, gather, own_stream, read_stop_marker, resume_positions, \
     sub_folders, write_stop_marker
+from runtime.unlabeled import LabelledOnly
 from runtime.timm_flags import add_timm_flags, adapt_student, student_create_kwargs, timm_flag_problem
 from runtime.tracking import add_tracking_args
 from validate import check_teacher, eval_columns, validate_task
@@ -71,6 +73,7 @@ SHARED_DATA = ('input_size', 'interpolation', 'mean', 'std', 'crop_pct')
 RESUME_FREE_KEYS = frozenset({
     'resume', 'resume_force', 'no_resume_opt', 'workers', 'log_interval', 'recovery_interval', 'checkpoint_hist',
     'output', 'experiment', 'pin_mem', 'device', 'dist_backend', 'config', 'synchronize_step', 'start_epoch',
+    'val_labelled', 'val_classes',  # what the data folders say, set at start-up
     'teacher_min_top1', 'teacher_check_batches', 'nonfinite', 'nonfinite_max_skips', 'val_interval', 'epochs',
     'data_dir', 'teacher_checkpoint', 'prefetcher', 'distributed', 'world_size', 'rank', 'local_rank',
     'dist_timeout', 'max_bad_images', 'loss_balance_factor', 'scalekd_allow_degenerate', 'no_plot',
@@ -101,6 +104,13 @@ def build_parser():
     group.add_argument('--class-map', default='', type=str, metavar='FILENAME',
                        help='path to class to idx mapping file (default: "")')
     group.add_argument('--input-img-mode', default=None, type=str, help='dataset image conversion mode for input')
+    group.add_argument('--unlabeled-data', default=None, nargs='+', metavar='DIR',
+                       help='folders of images without labels (read recursively, any layout; class folders are not '
+                            'labels) that join training: the teacher teaches them, the label loss skips them')
+    group.add_argument('--labels', default='folders', choices=('folders', 'none'),
+                       help='folders: the train split\'s class folders are labels; none: no label is read, the '
+                            'student learns from the teacher alone (the class count comes from the teacher\'s head; '
+                            'chosen by itself when the train split holds images but no class folders)')
 
     group = parser.add_argument_group('Model parameters')
     group.add_argument('--model', default='resnet50', type=str, metavar='MODEL',
@@ -370,6 +380,9 @@ def check_args(parser_error, args):
         parser_error('--grad-accum-steps must be >= 1')
     if not args.data_dir and not args.dataset:
         parser_error('--data-dir is required (an ImageFolder root with train/ and validation/ or val/ folders)')
+    problem = unlabeled_problem(args)  # --unlabeled-data / --labels none with what cannot use them
+    if problem:
+        parser_error(problem)
 
 
 def main(argv=None):
@@ -438,6 +451,12 @@ def train(args, runs):
 
     # create the train and eval datasets (before the models: the class count comes from the data)
     dataset_train, dataset_eval = create_datasets(args)
+    for r in live:  # a train split without class folders is read without labels (checked again for each student)
+        problem = unlabeled_problem(argparse.Namespace(**dict(vars(r.args), labels=args.labels)))
+        if problem:
+            raise FatalError(problem)
+    if args.num_classes is None:  # --labels none: the class count of the teacher's head
+        args.num_classes = classes_from_teacher(args, live)
 
     # create every student and its task around one frozen teacher (eval mode): device, channels_last, sync-bn
     in_chans = args.in_chans or (args.input_size[0] if args.input_size else 3)
@@ -459,13 +478,13 @@ def train(args, runs):
 
     if args.dry_run:  # checks passed, models and loaders built: time the steps and stop, nothing written
         return dry_run_students(args, live, loader_train, mixup_fn, amp_autocast, device, memo,
-                                balance=log_loss_balance)
+                                balance=log_loss_balance if args.labels != 'none' else None)
     if args.teacher_min_top1 is not None:  # the one teacher, checked once, before anything is written
         check_teacher(next(r.task for r in live if r.args.distiller != 'none'), loader_eval, args, device,
                       amp_autocast, logger=_logger)
 
     # per student: checkpoint saver, args.yaml, TensorBoard (rank 0 only), LR schedule, non-finite guard
-    eval_metric = args.eval_metric if loader_eval is not None else 'loss'
+    eval_metric = eval_metric_of(args, loader_eval)
     updates_per_epoch = (len(loader_train) + args.grad_accum_steps - 1) // args.grad_accum_steps
     num_epochs = start_outputs(args, live, eval_metric, start_epoch, resume_batch, len(loader_train), device)
     if utils.is_primary(args):
@@ -475,7 +494,8 @@ def train(args, runs):
     restore_signal_handlers = install_signal_handlers()
     timer = StepTimer(start_epoch * updates_per_epoch + resume_batch // args.grad_accum_steps,
                       num_epochs * updates_per_epoch, args.world_size)
-    measure_balance = args.loss_balance_factor > 0 and not any(r.resume_path for r in live) and start_epoch == 0
+    measure_balance = args.loss_balance_factor > 0 and not any(r.resume_path for r in live) and start_epoch == 0 \
+        and args.labels != 'none'  # without a label loss there is no reference term to weigh the others against
     exit_code = 0
     try:
         for epoch in range(start_epoch, num_epochs):
@@ -531,7 +551,8 @@ def build_students(args, runs, device, in_chans, amp_dtype):
     for r in runs:
         set_rng_state(rng_start)
         a = r.args
-        a.num_classes = args.num_classes  # from the data
+        for k in ('num_classes', 'labels', 'val_labelled', 'val_classes'):  # what the data folders say
+            setattr(a, k, getattr(args, k))
         model = create_student(a, in_chans)
         cfg = resolve_data_config(vars(a), model=model, verbose=utils.is_primary(a) and data_config is None)
         if data_config is not None and any(cfg[k] != data_config[k] for k in SHARED_DATA):
@@ -730,7 +751,56 @@ def create_task(args, model, data_config, device, in_chans, teacher=None):
             _logger.info(f'  loss weight {k}: {w:g}')
     if hasattr(task, 'check_geometry'):  # ScaleKD: log the grids, refuse a term that is constant by construction
         task.check_geometry(args.scalekd_allow_degenerate, _logger if utils.is_primary(args) else None)
+    if args.unlabeled_data or args.labels == 'none':  # the label loss over the labelled samples only (or none)
+        task.criterion = LabelledOnly(task.criterion, labels=args.labels != 'none')
     return task
+
+
+def unlabeled_problem(args) -> str:
+    """Why --unlabeled-data / --labels none cannot run with these flags ('' when they can)."""
+    flag = '--labels none' if args.labels == 'none' else '--unlabeled-data' if args.unlabeled_data else ''
+    if not flag:
+        return ''
+    if args.distiller == 'none':
+        return (f'{flag} needs a teacher: images without labels teach the student only through it; pass --distiller '
+                f'kd, dist, scalekd or feature with --teacher NAME')
+    if args.dataset and args.dataset.split('/')[0] not in ('', 'folder'):
+        return f'{flag} works with an ImageFolder --data-dir, not --dataset {args.dataset}'
+    if getattr(args, 'jsd_loss', False):
+        return f'{flag} with --jsd-loss: the JSD label loss cannot skip the samples without a label; drop --jsd-loss'
+    if args.labels == 'none' and args.distiller == 'token':
+        return ('--labels none with --distiller token: its class token learns from labels; use kd, dist, scalekd or '
+                'feature')
+    return ''
+
+
+def classes_from_teacher(args, runs) -> int:
+    """--labels none: the class count of the teacher's head (its pretrained config or checkpoint), checked against a
+    labelled validation split."""
+    a = next(r.args for r in runs if r.args.distiller != 'none')
+    classes, where = teacher_head(a.teacher, a.teacher_checkpoint or None)
+    if classes is None:
+        raise FatalError(f'--labels none takes the class count from the teacher\'s head, and {a.teacher} names none '
+                         f'(no pretrained tag or checkpoint); pass --num-classes N, the classes of its head')
+    if args.val_classes is not None and args.val_classes != classes:
+        raise FatalError(f'the teacher\'s head has {classes} classes ({where}) but the validation split has '
+                         f'{args.val_classes} class folders; validate on the teacher\'s classes or drop --val-split')
+    if utils.is_primary(args):
+        _logger.info(f'--labels none: no label is read; {classes} classes from the teacher\'s head ({where})')
+    return classes
+
+
+def eval_metric_of(args, loader_eval) -> str:
+    """The metric model_best is chosen on: --eval-metric; the loss without validation; teacher agreement when the
+    validation split has no labels."""
+    if loader_eval is None:
+        return 'loss'
+    if not args.val_labelled and args.eval_metric in ('top1', 'top5', 'loss'):
+        if utils.is_primary(args):
+            _logger.info('The validation split has no labels: the student is validated by its agreement with the '
+                         'teacher and KL(teacher || student); model_best is chosen on agreement (agree_top1)')
+        return 'agree_top1'
+    return args.eval_metric
 
 
 def resolve_lr(args):

@@ -366,7 +366,8 @@ def _task_models(task, args):
 def eval_columns(task, args):
     """The eval columns of a run's summary.csv (without the ``eval_`` prefix), in the order validate_task returns."""
     models, teacher = _task_models(task, args)
-    names = ('loss', 'top1', 'top5') + (('agree_top1', 'kl_teacher') if teacher is not None else ())
+    names = (('loss', 'top1', 'top5') if getattr(args, 'val_labelled', True) else ()) + \
+        (('agree_top1', 'kl_teacher') if teacher is not None else ())
     return [p + k for p in models for k in names]
 
 
@@ -393,6 +394,10 @@ def _evaluate_models(models, loader, args, device, amp_autocast=suppress, max_ba
                      teacher=None, suffixes=None):
     """Metrics of every model of ``models`` ({column prefix: model}) in one pass over ``loader``, prefixed."""
     loss_fn = nn.CrossEntropyLoss().to(device)
+    labelled = getattr(args, 'val_labelled', True)  # a validation split without labels: agreement and KL only
+    if not labelled and teacher is None:
+        raise FatalError('the validation split has no labels and there is no teacher to compare with; give it class '
+                         'folders, or pass --val-split \'\'')
     nets = list(models.values()) + ([teacher] if teacher is not None else [])
     was_training = [m.training for m in nets]
     for m in nets:
@@ -407,10 +412,12 @@ def _evaluate_models(models, loader, args, device, amp_autocast=suppress, max_ba
         t_out = forward_batch(teacher, input, target, args, device, amp_autocast)[0] if teacher is not None else None
         for i, model in enumerate(models.values()):
             output, input_i, target_i = forward_batch(model, input, target, args, device, amp_autocast)
-            loss = loss_fn(output.float(), target_i)
-            acc1, acc5 = utils.accuracy(output, target_i, topk=(1, min(5, output.shape[-1])))
             n = input_i.shape[0]
-            sums[i, :4] += torch.stack([loss * n, acc1 * n, acc5 * n, torch.tensor(float(n), device=device)]).double()
+            if labelled:
+                loss = loss_fn(output.float(), target_i)
+                acc1, acc5 = utils.accuracy(output, target_i, topk=(1, min(5, output.shape[-1])))
+                sums[i, :3] += torch.stack([loss * n, acc1 * n, acc5 * n]).double()
+            sums[i, 3] += n
             if t_out is not None:
                 sums[i, 4:] += agreement(output, t_out)
     if args.distributed:
@@ -422,14 +429,18 @@ def _evaluate_models(models, loader, args, device, amp_autocast=suppress, max_ba
     metrics = OrderedDict()
     for (prefix, _), row in zip(models.items(), sums.tolist()):
         n = max(row[3], 1)
-        metrics.update([(f'{prefix}loss', row[0] / n), (f'{prefix}top1', row[1] / n), (f'{prefix}top5', row[2] / n)])
+        if labelled:
+            metrics.update([(f'{prefix}loss', row[0] / n), (f'{prefix}top1', row[1] / n),
+                            (f'{prefix}top5', row[2] / n)])
         if teacher is not None:
             metrics.update([(f'{prefix}agree_top1', 100. * row[4] / n), (f'{prefix}kl_teacher', row[5] / n)])
         if utils.is_primary(args):
             extra = f'  Agree@1 (teacher): {100. * row[4] / n:.3f}  KL(teacher||student): {row[5] / n:.4f}' \
                 if teacher is not None else ''
-            logger.info(f'Test{(suffixes or {}).get(prefix, "")}: Loss: {row[0] / n:.4f}  Acc@1: {row[1] / n:.3f}  '
-                        f'Acc@5: {row[2] / n:.3f}{extra}  ({int(n)} images, {time.time() - start:.1f}s)')
+            scores = f'Loss: {row[0] / n:.4f}  Acc@1: {row[1] / n:.3f}  Acc@5: {row[2] / n:.3f}' if labelled else \
+                'no labels:'
+            logger.info(f'Test{(suffixes or {}).get(prefix, "")}: {scores}{extra}  ({int(n)} images, '
+                        f'{time.time() - start:.1f}s)')
     return metrics
 
 
@@ -439,6 +450,8 @@ def check_teacher(task, loader_eval, args, device, amp_autocast=suppress, logger
         raise FatalError('--teacher-min-top1 needs a validation split (--val-split)')
     if getattr(task, 'teacher', None) is None:
         raise FatalError('--teacher-min-top1 needs a teacher (--distiller kd or scalekd)')
+    if not getattr(args, 'val_labelled', True):
+        raise FatalError('--teacher-min-top1 needs labels: the validation split has no class folders')
     metrics = evaluate(TeacherOnStudentInput(task), loader_eval, args, device, amp_autocast, log_suffix=' (teacher)',
                        max_batches=args.teacher_check_batches, logger=logger)
     task.train()

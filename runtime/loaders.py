@@ -1,11 +1,17 @@
 """The run's data: timm's datasets (the class count from the class folders), Mixup/CutMix and the training loader,
 from the flags of train_kd.py's ``args``."""
+import logging
+
 import torch
 from timm.data import create_dataset, create_loader, Mixup, FastCollateMixup
 
 from .data import check_data_dir, guard_bad_images
-from .splits import check_dataset_splits
+from .splits import check_dataset_splits, resolve_split
+from .unlabeled import LabelFastCollateMixup, LabelMixup, add_unlabeled, check_image_folders, has_class_folders, \
+    images_dataset, list_images
 from .errors import FatalError
+
+_logger = logging.getLogger('train')
 
 
 def create_datasets(args):
@@ -19,12 +25,26 @@ def create_datasets(args):
     common = dict(root=args.data_dir, class_map=args.class_map, download=args.dataset_download,
                   batch_size=args.batch_size, input_img_mode=args.input_img_mode,
                   trust_remote_code=getattr(args, 'dataset_trust_remote_code', False), **keys)
-    dataset_train = create_dataset(args.dataset, split=args.train_split, is_training=True, seed=args.seed,
-                                   repeats=args.epoch_repeats, num_samples=args.train_num_samples, **common)
-    dataset_eval = None
-    if args.val_split:
+    train_path = resolve_split(args.data_dir, args.train_split) if not args.dataset else ''
+    if train_path and args.labels == 'folders' and not has_class_folders(train_path) and list_images(train_path):
+        args.labels = 'none'  # images, no class folders: nothing to read a label from
+        _logger.info(f"the train split '{train_path}' holds images but no class folders: training without labels "
+                     f"(--labels none), from the teacher alone")
+    if args.labels == 'none':
+        dataset_train = images_dataset(check_image_folders([train_path], 'the train split'), args.input_img_mode)
+    else:
+        dataset_train = create_dataset(args.dataset, split=args.train_split, is_training=True, seed=args.seed,
+                                       repeats=args.epoch_repeats, num_samples=args.train_num_samples, **common)
+    if args.unlabeled_data:  # images without labels join the labelled ones in one shuffled stream
+        add_unlabeled(dataset_train, check_image_folders(args.unlabeled_data))
+    dataset_eval, val_path = None, resolve_split(args.data_dir, args.val_split) if args.val_split else ''
+    if val_path and not args.dataset and not has_class_folders(val_path):  # a validation split without labels
+        dataset_eval = images_dataset(check_image_folders([val_path], '--val-split'), args.input_img_mode)
+    elif args.val_split:
         dataset_eval = create_dataset(args.dataset, split=args.val_split, is_training=False,
                                       num_samples=args.val_num_samples, **common)
+    args.val_classes = num_classes(dataset_eval)
+    args.val_labelled = dataset_eval is None or args.val_classes is not None or bool(args.dataset)
     data_classes = num_classes(dataset_train)
     if args.num_classes is None:
         args.num_classes = data_classes
@@ -56,10 +76,11 @@ def create_mixup(args):
         mixup_alpha=args.mixup, cutmix_alpha=args.cutmix, cutmix_minmax=args.cutmix_minmax,
         prob=args.mixup_prob, switch_prob=args.mixup_switch_prob, mode=args.mixup_mode,
         label_smoothing=args.smoothing, num_classes=args.num_classes)
+    unlabeled = bool(args.unlabeled_data) or args.labels == 'none'  # keep the mark of samples without a label
     if args.prefetcher:
         assert not args.aug_splits, 'collate conflict (cannot use aug splits with mixup + prefetcher)'
-        return FastCollateMixup(**mixup_args), None
-    return None, Mixup(**mixup_args)
+        return (LabelFastCollateMixup if unlabeled else FastCollateMixup)(**mixup_args), None
+    return None, (LabelMixup if unlabeled else Mixup)(**mixup_args)
 
 
 def create_train_loader(dataset, args, data_config, device, collate_fn=None, distributed=False,

@@ -113,11 +113,12 @@ def check_train_inputs(args: Any) -> None:
         return
     check_data_dir(args.data_dir, (args.train_split,))
     world_size = int(os.environ.get('WORLD_SIZE', '1') or 1)
-    check_splits(args.data_dir, args.train_split, args.val_split, args.batch_size, world_size, args.class_map)
+    check_splits(args.data_dir, args.train_split, args.val_split, args.batch_size, world_size, args.class_map,
+                 train_labels=getattr(args, 'labels', 'folders') != 'none')
 
 
 SCHEDULERS = ('cosine', 'tanh', 'step', 'multistep', 'poly', 'wsd', 'rsqrt', 'constant', 'plateau', 'none')
-EVAL_METRICS = ('top1', 'top5', 'loss')
+EVAL_METRICS = ('top1', 'top5', 'loss', 'agree_top1')
 CLIP_MODES = ('norm', 'value', 'agc')
 
 

@@ -59,7 +59,7 @@ def scan_split(folder: str, extensions) -> tuple:
 
 
 def check_splits(data_dir: str, train_split: str, val_split: str, batch_size: int, world_size: int = 1,
-                 class_map: str = '') -> int:
+                 class_map: str = '', train_labels: bool = True) -> int:
     """An ImageFolder root fit to train on: the splits exist, hold the same class folders (indices come from the
     sorted folder names of each split, so they agree only then), no class folder is empty, and every process gets
     at least one full batch per epoch. Returns the number of training images (FatalError otherwise)."""
@@ -85,7 +85,8 @@ def check_splits(data_dir: str, train_split: str, val_split: str, batch_size: in
                              f"class folder(s): {', '.join(empty[:5])}); add images ({', '.join(sorted(extensions))}) "
                              f"or remove the folder from every split")
         found[split] = (path, counts)
-    if train_split in found and val_split in found and not class_map:
+    if train_split in found and val_split in found and not class_map and train_labels and \
+            all(found[k][1] for k in (train_split, val_split)):  # a split without class folders has no labels
         (tpath, tc), (vpath, vc) = found[train_split], found[val_split]
         missing, extra = sorted(set(tc) - set(vc)), sorted(set(vc) - set(tc))
         if missing or extra:
