@@ -197,3 +197,15 @@ def test_resume_mid_epoch_with_unlabeled_data_equals_an_uninterrupted_run(image_
     assert _hash(a['state_dict']) == _hash(b['state_dict'])
     cols = lambda rows: [{k: v for k, v in r.items() if k.startswith(('train_loss', 'eval_'))} for r in rows]
     assert cols(_rows(tmp_path / 'run')) == cols(_rows(tmp_path / 'ref'))
+
+
+def test_the_funmatch_recipe_is_kl_only_with_mixup_on_every_batch_and_no_labels():
+    from config import load_recipe
+    parser = train_kd.build_parser()
+    parser.set_defaults(**load_recipe(os.path.join(os.path.dirname(__file__), '..', 'recipes',
+                                                   'funmatch_swinl_r50.yaml'), parser))
+    args = parser.parse_args([])
+    assert (args.distiller, args.labels, args.kd_temperature) == ('kd', 'none', 1.0)
+    assert (args.mixup, args.mixup_prob, args.cutmix, args.smoothing) == (1.0, 1.0, 0.0, 0.0)
+    assert args.epochs == 1200 and args.opt == 'adamw' and args.clip_grad == 1.0
+    assert train_kd.unlabeled_problem(args) == ''
