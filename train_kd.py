@@ -57,8 +57,8 @@ from runtime.rng import get_rng_state, set_rng_state
 from runtime.runlock import hold_run_lock, release_run_lock
 from runtime.saver import RunSaver
 from runtime.signals import install_signal_handlers, stop_requested
-from runtime.students import StudentRun, StudentStream, gather, own_stream, read_stop_marker, resume_positions, \
-    sub_folders, write_stop_marker
+from runtime.students import STOP_MARKER, StudentRun, StudentStream, gather, own_stream, read_stop_marker, \
+    resume_positions, sub_folders, write_stop_marker
 from runtime.unlabeled import LabelledOnly
 from runtime.timm_flags import add_timm_flags, adapt_student, student_create_kwargs, timm_flag_problem
 from runtime.tracking import add_tracking_args
@@ -612,6 +612,10 @@ def setup_students(args, runs, device, amp_dtype):
         hold_run_lock(r.output_dir, a)  # one job per run folder; a new run never writes into a folder holding one
     if len(runs) == 1 and args.resume:
         runs[0].resume_path = find_resume(args.resume, runs[0].output_dir)
+        marker = os.path.join(runs[0].output_dir, STOP_MARKER)
+        if runs[0].resume_path and os.path.isfile(marker) and utils.is_primary(args) and not args.dry_run:
+            os.remove(marker)  # a student a joint run had stopped, continued alone: it trains again
+            _logger.info(f'{runs[0].output_dir}: a joint run had stopped this student; resumed alone, it trains again')
     elif args.resume == 'auto':
         resume_positions(runs)  # the newest position every healthy student's folder holds
     start = None
