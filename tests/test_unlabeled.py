@@ -209,3 +209,15 @@ def test_the_funmatch_recipe_is_kl_only_with_mixup_on_every_batch_and_no_labels(
     assert (args.mixup, args.mixup_prob, args.cutmix, args.smoothing) == (1.0, 1.0, 0.0, 0.0)
     assert args.epochs == 1200 and args.opt == 'adamw' and args.clip_grad == 1.0
     assert train_kd.unlabeled_problem(args) == ''
+
+
+def test_joint_runs_and_the_dry_run_take_unlabeled_data(image_folder, teacher_ckpt, unlabeled, tmp_path, one_thread,
+                                                        caplog):
+    argv = _argv(image_folder, teacher_ckpt, tmp_path, 'j', '--unlabeled-data', unlabeled, '--mixup', '0.5')
+    argv[argv.index('--model') + 1], argv[argv.index('--distiller') + 1] = \
+        'scalekd_demo_resnet,scalekd_demo_mixer', 'kd,scalekd'
+    assert train_kd.main(argv + ['--dry-run']) == 0 and not os.path.exists(tmp_path / 'j')
+    assert train_kd.main(argv) == 0
+    for sub in ('scalekd_demo_resnet-kd', 'scalekd_demo_mixer-scalekd'):
+        row = _rows(tmp_path / 'j' / sub)[0]
+        assert float(row['train_loss_cls']) > 0 and float(row['train_loss_kd']) > 0 and row['eval_top1']
