@@ -1,5 +1,5 @@
 #!/usr/bin/env python3
-"""N students from one teacher: trained jointly (one teacher forward per batch, joint.py's TeacherMemo) vs one after
+"""N students from one teacher: trained jointly (one teacher forward per batch, distillers.memo.TeacherMemo) vs one after
 another (each step runs the teacher), side by side in one process at the same precision.
 
 Builds N distillation tasks (``--distiller``, one for all or a comma list) around one teacher with random weights
