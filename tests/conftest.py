@@ -51,3 +51,26 @@ def teacher_ckpt(tmp_path_factory):
     torch.manual_seed(0)
     torch.save({'state_dict': timm.create_model('scalekd_demo_vit', num_classes=3).state_dict()}, path)
     return str(path)
+
+
+def load_ckpt(path):
+    """A training checkpoint as train_kd.py writes it (its args are a Namespace), loaded weights-only."""
+    import argparse
+    with torch.serialization.safe_globals([argparse.Namespace]):
+        return torch.load(path, map_location='cpu', weights_only=True)
+
+
+def state_hash(state):
+    """A short hash of a state dict's names and exact bytes: equal only when every tensor is equal bit for bit."""
+    import hashlib
+    h = hashlib.sha256()
+    for k, v in state.items():
+        h.update(k.encode())
+        h.update(v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
+    return h.hexdigest()[:16]
+
+
+def summary_rows(run_dir):
+    import csv
+    with open(os.path.join(run_dir, 'summary.csv')) as f:
+        return list(csv.DictReader(f))

@@ -1,9 +1,6 @@
 """One training loop for one or many students: a joint run (--model A,B) is a solo run with more students. Each test
 here is a defect a second loop had: the joint run must accept what a solo run accepts with the same meaning (or
 refuse it the same way), give each student its own settings, and let a student fail alone everywhere."""
-import argparse
-import csv
-import hashlib
 import json
 import logging
 import os
@@ -19,30 +16,12 @@ import yaml
 
 import models  # noqa: F401
 import train_kd
-from conftest import make_image_folder
+from conftest import load_ckpt as _load, make_image_folder, state_hash as _hash, summary_rows as _rows
 from distillers.logit import KDTask
 
 ROOT = os.path.dirname(os.path.dirname(os.path.abspath(__file__)))
 PAIR = ('--model', 'scalekd_demo_resnet,scalekd_demo_resnet', '--distiller', 'scalekd,kd')
 SUBS = ('scalekd_demo_resnet-scalekd', 'scalekd_demo_resnet-kd')
-
-
-def _load(path):
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def _rows(run_dir):
-    with open(os.path.join(run_dir, 'summary.csv')) as f:
-        return list(csv.DictReader(f))
-
-
-def _hash(state):
-    h = hashlib.sha256()
-    for k, v in state.items():
-        h.update(k.encode())
-        h.update(v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
 
 
 def _argv(data, teacher, out, exp, *extra, lr=True):

@@ -1,9 +1,5 @@
 """Distillation on images without labels: --unlabeled-data joins them to training (the label loss skips them, every
 distillation term covers them), --labels none reads no label at all; labels are never invented."""
-import argparse
-import csv
-import hashlib
-import json
 import logging
 import os
 import shutil
@@ -14,26 +10,8 @@ import torch
 
 import models  # noqa: F401
 import train_kd
-from conftest import make_image_folder
+from conftest import load_ckpt as _load, make_image_folder, state_hash as _hash, summary_rows as _rows
 from runtime.unlabeled import LabelFastCollateMixup, LabelledOnly, LabelMixup, UNLABELED, keep_labels
-
-
-def _load(path):
-    with torch.serialization.safe_globals([argparse.Namespace]):
-        return torch.load(path, map_location='cpu', weights_only=True)
-
-
-def _hash(state):
-    h = hashlib.sha256()
-    for k, v in state.items():
-        h.update(k.encode())
-        h.update(v.contiguous().reshape(-1).view(torch.uint8).numpy().tobytes())
-    return h.hexdigest()[:16]
-
-
-def _rows(run_dir):
-    with open(os.path.join(run_dir, 'summary.csv')) as f:
-        return list(csv.DictReader(f))
 
 
 @pytest.fixture
