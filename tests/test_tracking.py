@@ -161,3 +161,23 @@ def test_flags_parse_as_timm_and_wandb_is_imported_only_when_asked(monkeypatch):
             tree = ast.parse(f.read())
         top = [n for n in tree.body if isinstance(n, (ast.Import, ast.ImportFrom))]
         assert not [n for n in top if 'wandb' in ast.dump(n)], path
+
+
+def test_a_joint_run_tracks_each_student_in_its_own_run(image_folder, teacher_ckpt, tmp_path, monkeypatch):
+    """--log-wandb with several students: one tracking run per student's folder, each holding that student's terms."""
+    monkeypatch.setenv('WANDB_MODE', 'offline')
+    monkeypatch.setenv('WANDB_SILENT', 'true')
+    argv = _argv(image_folder, tmp_path, teacher_ckpt, '--epochs', '1', '--loss-balance-factor', '0')
+    argv[argv.index('--model') + 1], argv[argv.index('--distiller') + 1] = \
+        'scalekd_demo_resnet,scalekd_demo_resnet', 'scalekd,kd'
+    assert train_kd.main(argv) == 0
+    ids = {}
+    for sub, own, other in (('scalekd_demo_resnet-scalekd', 'loss_s3', None), ('scalekd_demo_resnet-kd', 'loss_kd',
+                                                                              'loss_s3')):
+        run_dir = tmp_path / 'run' / sub
+        ids[sub] = (run_dir / RUN_ID_FILE).read_text().strip()
+        [(run, config, history)] = _offline_runs(run_dir, ids[sub])
+        train = [h for h in history if 'train/step' in h]
+        assert run.run_id == ids[sub] and config['distiller'] == sub.rsplit('-', 1)[1] and len(train) == 2
+        assert all(f'train/{own}' in h for h in train) and not (other and any(f'train/{other}' in h for h in train))
+    assert len(set(ids.values())) == 2

@@ -199,3 +199,42 @@ def test_joint_runs_and_the_dry_run_take_unlabeled_data(image_folder, teacher_ck
     for sub in ('scalekd_demo_resnet-kd', 'scalekd_demo_mixer-scalekd'):
         row = _rows(tmp_path / 'j' / sub)[0]
         assert float(row['train_loss_cls']) > 0 and float(row['train_loss_kd']) > 0 and row['eval_top1']
+
+
+@pytest.mark.parametrize('mode', ['batch', 'pair', 'elem'])
+def test_label_mixup_equals_timms_mixup_on_a_labelled_batch(mode):
+    """With every sample labelled, LabelMixup and LabelFastCollateMixup give timm's own Mixup / FastCollateMixup
+    output bit for bit (images and soft targets), from the same random state."""
+    from timm.data import FastCollateMixup, Mixup
+    kw = dict(mixup_alpha=0.8, cutmix_alpha=1.0, prob=1.0, switch_prob=0.5, mode=mode, num_classes=5,
+              label_smoothing=0.1)
+    x, target = torch.rand(6, 3, 16, 16), torch.tensor([0, 4, 2, 1, 3, 2])
+    import numpy as np
+    for seed in range(4):  # mixup and cutmix draws both
+        np.random.seed(seed)
+        ours = LabelMixup(**kw)(x.clone(), target)
+        np.random.seed(seed)
+        theirs = Mixup(**kw)(x.clone(), target)
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+        batch = [(torch.randint(0, 255, (3, 16, 16), dtype=torch.uint8), int(t)) for t in target]
+        np.random.seed(seed)
+        copy = lambda: [(img.clone(), t) for img, t in batch]  # timm's pair mode writes into the samples
+        ours = LabelFastCollateMixup(**kw)(copy())
+        np.random.seed(seed)
+        theirs = FastCollateMixup(**kw)(copy())
+        assert torch.equal(ours[0], theirs[0]) and torch.equal(ours[1], theirs[1])
+
+
+def test_aug_splits_without_the_prefetcher_lay_out_as_timms_fast_collate():
+    """--aug-splits without the prefetcher: the splits concatenated and the targets repeated, the layout timm's
+    fast_collate gives the prefetcher path."""
+    import argparse as ap
+    from timm.data.loader import fast_collate
+    from runtime.loaders import device_batch
+    samples = [((torch.full((3, 4, 4), i, dtype=torch.uint8), torch.full((3, 4, 4), 10 + i, dtype=torch.uint8)), i)
+               for i in range(3)]
+    timm_input, timm_target = fast_collate(samples)
+    default = torch.utils.data.default_collate([((a.float(), b.float()), t) for (a, b), t in samples])
+    args = ap.Namespace(prefetcher=False, channels_last=False)
+    input, target = device_batch(list(default[0]), default[1], args, torch.device('cpu'))
+    assert torch.equal(input, timm_input.float()) and torch.equal(target, timm_target)
