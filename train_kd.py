@@ -452,7 +452,8 @@ def train(args, runs):
     # create the train and eval datasets (before the models: the class count comes from the data)
     dataset_train, dataset_eval = create_datasets(args)
     for r in live:  # a train split without class folders is read without labels (checked again for each student)
-        problem = unlabeled_problem(argparse.Namespace(**dict(vars(r.args), labels=args.labels)))
+        r.args.labels = args.labels
+        problem = unlabeled_problem(r.args)
         if problem:
             raise FatalError(problem)
     if args.num_classes is None:  # --labels none: the class count of the teacher's head
